@@ -1,0 +1,134 @@
+"""Long-document sequence classification: a pooled head on the encoder, accuracy and macro-F1 from torchmetrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from topk_lightning.modules.base import Attention, TopKTransformerModule
+
+__all__ = ["SequenceClassificationModule"]
+
+
+class SequenceClassificationModule(TopKTransformerModule):
+    """Classify whole (long) documents.
+
+    Batches carry ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer makes them) and
+    ``labels`` (B,) class indices (absent in predict batches). Encoder and optimiser arguments are those of
+    :class:`~topk_lightning.modules.base.TopKTransformerModule`.
+
+    Args:
+        num_labels: number of classes (>= 2); the CLI links it from the data module's ``num_labels``.
+        pooling: ``"cls"`` (the first token's state) or ``"mean"`` (mean over non-padding tokens).
+        classifier_dropout: dropout before the linear classifier.
+
+    Logged metrics: ``train/loss``; ``val/loss``, ``val/acc``, ``val/f1`` (macro); the same under ``test/``.
+    ``predict`` returns the predicted class indices per batch.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str | None = None,
+        attention: Attention = "topk",
+        topk: int = 64,
+        query_chunk_size: int = 1024,
+        ff_chunk_size: int | None = None,
+        ff_topk: int | None = None,
+        topk_layers: list[int] | None = None,
+        max_positions: int | None = None,
+        gradient_checkpointing: bool = False,
+        tokenizer: str | None = None,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        warmup_steps: int | None = None,
+        adam_epsilon: float = 1e-8,
+        num_labels: int = 2,
+        pooling: Literal["cls", "mean"] = "cls",
+        classifier_dropout: float = 0.1,
+    ) -> None:
+        if num_labels < 2:
+            raise ValueError(f"num_labels must be >= 2, got {num_labels}")
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        super().__init__(
+            backbone=backbone,
+            attention=attention,
+            topk=topk,
+            query_chunk_size=query_chunk_size,
+            ff_chunk_size=ff_chunk_size,
+            ff_topk=ff_topk,
+            topk_layers=topk_layers,
+            max_positions=max_positions,
+            gradient_checkpointing=gradient_checkpointing,
+            tokenizer=tokenizer,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            warmup_ratio=warmup_ratio,
+            warmup_steps=warmup_steps,
+            adam_epsilon=adam_epsilon,
+        )
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_{name}": metric
+                for stage in ("val", "test")
+                for name, metric in (
+                    ("acc", MulticlassAccuracy(num_classes=num_labels, average="micro")),
+                    ("f1", MulticlassF1Score(num_classes=num_labels, average="macro")),
+                )
+            }
+        )
+
+    def build_head(self, hidden_size: int) -> nn.Module:
+        return nn.Sequential(nn.Dropout(self.hparams.classifier_dropout), nn.Linear(hidden_size, self.hparams.num_labels))
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, H) -> (B, H): the first token, or the mean over non-padding tokens."""
+        if self.hparams.pooling == "cls" or attention_mask is None:
+            return hidden[:, 0] if self.hparams.pooling == "cls" else hidden.mean(dim=1)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Class logits (B, num_labels)."""
+        return self.head(self.pool(self.encode(batch), batch.get("attention_mask")))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        logits = self(batch)
+        labels = batch["labels"]
+        size = logits.shape[0]
+        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), labels), sync_dist=True, batch_size=size)
+        predictions = logits.argmax(dim=-1)
+        for name in ("acc", "f1"):
+            metric = self.metrics[f"{stage}_{name}"]
+            metric.update(predictions, labels)
+            # Passing the metric object lets torchmetrics sync across processes and reset at epoch end.
+            self.log(f"{stage}/{name}", metric, prog_bar=True, on_step=False, on_epoch=True, batch_size=size)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self(batch).argmax(dim=-1)
+
+    def export_extra(self, path: Path) -> None:
+        """Save the classifier beside the encoder as ``classification_head.safetensors``."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+                  str(path / "classification_head.safetensors"))
