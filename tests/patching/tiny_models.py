@@ -1,0 +1,67 @@
+"""Tiny random models (hidden 32, 2 layers, 4 heads, FF 64, vocab 100) of every supported family, and padded batches."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+import topk_lightning  # noqa: F401  (registers "topk")
+
+FAMILIES = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert"]
+SEQ_LEN = 16
+PAD_FROM = 11  # the second sequence of the batch is padded from this position on
+
+_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
+
+
+def tiny_config(family: str, **overrides) -> transformers.PreTrainedConfig:
+    if family == "bert":
+        config = transformers.BertConfig(**_COMMON, max_position_embeddings=64)
+    elif family == "roberta":
+        config = transformers.RobertaConfig(**_COMMON, max_position_embeddings=66, pad_token_id=1)
+    elif family == "xlm-roberta":
+        config = transformers.XLMRobertaConfig(**_COMMON, max_position_embeddings=66, pad_token_id=1)
+    elif family == "electra":
+        config = transformers.ElectraConfig(**_COMMON, embedding_size=16, max_position_embeddings=64)
+    elif family == "distilbert":
+        config = transformers.DistilBertConfig(
+            dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=100, max_position_embeddings=64
+        )
+    elif family == "albert":
+        # Two weight-owning layer groups so that "layers" has two entries, like the other families.
+        config = transformers.AlbertConfig(
+            **_COMMON, embedding_size=16, num_hidden_groups=2, max_position_embeddings=64, pad_token_id=0
+        )
+    else:
+        raise ValueError(family)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def tiny_model(family: str, *, seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    """A tiny random ``<Family>Model`` in eval mode (dropout off), fp32."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model = transformers.AutoModel.from_config(config, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def padded_batch(family: str, *, seed: int = 1, length: int = SEQ_LEN) -> dict[str, torch.Tensor]:
+    """Two sequences; the second is right-padded with the pad token from PAD_FROM on."""
+    pad_id = tiny_config(family).pad_token_id
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, 100, (2, length), generator=generator)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[1, PAD_FROM:] = 0
+    input_ids[1, PAD_FROM:] = pad_id
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def hidden(model, batch) -> torch.Tensor:
+    return model(**batch).last_hidden_state
+
+
+def max_diff_unpadded(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    keep = attention_mask.bool()
+    return (a[keep] - b[keep]).abs().max().item()
