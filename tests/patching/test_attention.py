@@ -16,7 +16,8 @@ from .tiny_models import SEQ_LEN, hidden, max_diff_unpadded, padded_batch, tiny_
 
 
 def test_import_registers_topk():
-    assert transformers.AttentionInterface._global_mapping["topk"] is topk_lightning.patching.attention.topk_attention_forward
+    attention_function = topk_lightning.patching.attention.topk_attention_forward
+    assert transformers.AttentionInterface._global_mapping["topk"] is attention_function
     assert ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["topk"] is key_padding_mask
 
 
@@ -24,7 +25,8 @@ def test_mask_builder_returns_key_padding_or_none():
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
     out = key_padding_mask(batch_size=2, q_length=4, kv_length=4, attention_mask=mask)
     assert out.shape == (2, 4) and out.dtype == torch.bool and torch.equal(out, mask)
-    assert key_padding_mask(batch_size=2, q_length=4, kv_length=4, attention_mask=torch.ones(2, 4, dtype=torch.bool)) is None
+    no_padding = torch.ones(2, 4, dtype=torch.bool)
+    assert key_padding_mask(batch_size=2, q_length=4, kv_length=4, attention_mask=no_padding) is None
     assert key_padding_mask(batch_size=2, q_length=4, kv_length=4, attention_mask=None) is None
 
 

@@ -4,10 +4,11 @@ Attention needs nothing per family: every family here calls transformers' `Atten
 registration reaches it. The feed-forward block is not behind a registry, so each family names the method that
 computes it (the one transformers itself hands to ``apply_chunking_to_forward``) and gives the top-k version of it:
 
-    family        FF method replaced                 first map / activation / second map      after it (kept)
-    BERT-like     BertLayer.feed_forward_chunk       intermediate.dense / act / output.dense  output.dropout, residual, output.LayerNorm
-    DistilBERT    FFN.ff_chunk                       lin1 / activation / lin2                 dropout (LayerNorm is outside, in TransformerBlock)
-    ALBERT        AlbertLayer.ff_chunk               ffn / activation / ffn_output            (residual and LayerNorm are outside)
+    family      FF method replaced             first map, activation, second map      then, unchanged
+    BERT-like   BertLayer.feed_forward_chunk   intermediate.dense, act, output.dense  output.dropout, residual,
+                                                                                      output.LayerNorm
+    DistilBERT  FFN.ff_chunk                   lin1, activation, lin2                 dropout (LayerNorm: outside)
+    ALBERT      AlbertLayer.ff_chunk           ffn, activation, ffn_output            (residual, LayerNorm: outside)
 
 BERT-like = BERT, RoBERTa, XLM-RoBERTa, ELECTRA (same layer code in transformers v5).
 """

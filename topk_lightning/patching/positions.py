@@ -66,7 +66,9 @@ def extend_position_embeddings(model: PreTrainedModel, max_positions: int) -> Pr
     if new_rows <= old_rows:
         return model
     if old_rows <= offset:
-        raise ValueError(f"{type(model).__name__}'s position table has no learned rows after its {offset} reserved ones")
+        raise ValueError(
+            f"{type(model).__name__}'s position table has no learned rows after its {offset} reserved ones"
+        )
 
     weight = table.weight
     learned = weight.detach()[offset:]
