@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -170,3 +171,18 @@ def test_unsupported_architecture_names_the_class():
 def test_family_table_model_types_are_real():
     for model_type in FAMILY_TABLE:
         assert model_type in transformers.CONFIG_MAPPING
+
+
+def test_patched_model_survives_deepcopy_and_pickle():
+    model = apply_topk(tiny_model("bert"), TopKConfig(topk=4, ff_topk=8, ff_chunk_size=5))
+    batch = padded_batch("bert")
+    output = hidden(model, batch)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        torch.testing.assert_close(hidden(clone, batch), output, atol=0, rtol=0)
+        patched = _patched_feed_forwards(clone)
+        assert {id(p.owner) for p in patched} == {id(layer) for layer in clone.encoder.layer}
+        with torch.no_grad():
+            clone.encoder.layer[0].output.dense.weight.zero_()
+        assert max_diff_unpadded(hidden(clone, batch), output, batch["attention_mask"]) > 1e-3
+        remove_topk(clone)
+        assert not _patched_feed_forwards(clone) and clone.config._attn_implementation == "sdpa"

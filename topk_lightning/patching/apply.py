@@ -14,29 +14,28 @@ from topk_lightning.patching.config import TopKConfig
 from topk_lightning.patching.families import Family, family_of
 
 _STATE_ATTR = "_topk_lightning_state"
-_MISSING = object()
 
 
 class PatchedFeedForward:
     """Stands in for a family's FF method (e.g. ``BertLayer.feed_forward_chunk``) on one module instance.
 
-    Runs the original method, or the family's top-k version when ``ff_topk`` is set, on the whole (B, L, hidden)
+    Runs the class's method, or the family's top-k version when ``ff_topk`` is set, on the whole (B, L, hidden)
     input or, when ``ff_chunk_size`` is set, on chunks of that many tokens via ``ops.chunked_feed_forward``.
-    A plain object rather than a closure, so that ``copy.deepcopy(model)`` copies it along with its module.
+    A plain object rather than a closure, so that ``copy.deepcopy(model)`` and pickling copy it along with its
+    module.
     """
 
-    def __init__(
-        self, *, owner: nn.Module, family: Family, original, ff_topk: int | None, ff_chunk_size: int | None
-    ) -> None:
+    def __init__(self, *, owner: nn.Module, family: Family, ff_topk: int | None, ff_chunk_size: int | None) -> None:
         self.owner = owner
         self.family = family
-        self.original = original
         self.ff_topk = None if ff_topk is None else min(ff_topk, family.intermediate_size(owner))
         self.ff_chunk_size = ff_chunk_size
 
     def _block(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.ff_topk is None:
-            return self.original(hidden)
+            # The class's method, looked up at call time: no bound method is stored, so deepcopy and pickle
+            # cannot end up calling this object again.
+            return getattr(type(self.owner), self.family.feed_forward_method)(self.owner, hidden)
         return self.family.topk_feed_forward(self.owner, hidden, self.ff_topk)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -49,7 +48,7 @@ class PatchedFeedForward:
 class _PatchState:
     attn_implementation: str | None
     attention_modules: list[nn.Module] = field(default_factory=list)
-    # (module, method name, the instance attribute it had before, or _MISSING)
+    # (module, method name, the instance attribute it had before, or None)
     feed_forwards: list[tuple[nn.Module, str, object]] = field(default_factory=list)
 
 
@@ -95,13 +94,9 @@ def apply_topk(model: PreTrainedModel, config: TopKConfig | None = None) -> PreT
         if index in chosen and (config.ff_chunk_size is not None or config.ff_topk is not None):
             owner = family.feed_forward_owner(layer)
             name = family.feed_forward_method
-            state.feed_forwards.append((owner, name, owner.__dict__.get(name, _MISSING)))
+            state.feed_forwards.append((owner, name, owner.__dict__.get(name)))
             patched = PatchedFeedForward(
-                owner=owner,
-                family=family,
-                original=getattr(owner, name),
-                ff_topk=config.ff_topk,
-                ff_chunk_size=config.ff_chunk_size,
+                owner=owner, family=family, ff_topk=config.ff_topk, ff_chunk_size=config.ff_chunk_size
             )
             setattr(owner, name, patched)
     setattr(model, _STATE_ATTR, state)
@@ -120,7 +115,7 @@ def remove_topk(model: PreTrainedModel) -> PreTrainedModel:
     previous = model.config._attn_implementation if state is None else state.attn_implementation
     if state is not None:
         for owner, name, before in reversed(state.feed_forwards):
-            if before is _MISSING:
+            if before is None:
                 delattr(owner, name)
             else:
                 setattr(owner, name, before)

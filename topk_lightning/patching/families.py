@@ -38,6 +38,8 @@ class Family:
         topk_feed_forward: (owner, hidden, topk) -> what `feed_forward_method` returns, with the two linear maps
             replaced by ``ops.topk_feed_forward`` keeping ``topk`` units per token.
         intermediate_size: owner -> number of FF units (``topk`` is clamped to it).
+
+    The callables are module-level functions, so that a patched model can be pickled.
     """
 
     name: str
@@ -51,6 +53,10 @@ class Family:
 
 def _same(module: nn.Module) -> nn.Module:
     return module
+
+
+def _own_attention(layer: nn.Module) -> list[nn.Module]:
+    return [layer.attention]
 
 
 # BERT, RoBERTa, XLM-RoBERTa, ELECTRA: BertLayer-style layers in base_model.encoder.layer.
@@ -79,6 +85,10 @@ def _bert_topk_feed_forward(layer: nn.Module, hidden: torch.Tensor, topk: int) -
     return output.LayerNorm(output.dropout(projected) + hidden)
 
 
+def _bert_intermediate_size(layer: nn.Module) -> int:
+    return layer.intermediate.dense.out_features
+
+
 BERT_LIKE = Family(
     name="BERT-like",
     layers=_bert_layers,
@@ -86,7 +96,7 @@ BERT_LIKE = Family(
     feed_forward_owner=_same,
     feed_forward_method="feed_forward_chunk",
     topk_feed_forward=_bert_topk_feed_forward,
-    intermediate_size=lambda layer: layer.intermediate.dense.out_features,
+    intermediate_size=_bert_intermediate_size,
 )
 
 
@@ -102,14 +112,22 @@ def _distilbert_topk_feed_forward(ffn: nn.Module, hidden: torch.Tensor, topk: in
     return ffn.dropout(projected)
 
 
+def _distilbert_ffn(layer: nn.Module) -> nn.Module:
+    return layer.ffn
+
+
+def _distilbert_intermediate_size(ffn: nn.Module) -> int:
+    return ffn.lin1.out_features
+
+
 DISTILBERT = Family(
     name="DistilBERT",
     layers=_distilbert_layers,
-    attention_modules=lambda layer: [layer.attention],
-    feed_forward_owner=lambda layer: layer.ffn,
+    attention_modules=_own_attention,
+    feed_forward_owner=_distilbert_ffn,
     feed_forward_method="ff_chunk",
     topk_feed_forward=_distilbert_topk_feed_forward,
-    intermediate_size=lambda ffn: ffn.lin1.out_features,
+    intermediate_size=_distilbert_intermediate_size,
 )
 
 
@@ -131,14 +149,18 @@ def _albert_topk_feed_forward(layer: nn.Module, hidden: torch.Tensor, topk: int)
     )
 
 
+def _albert_intermediate_size(layer: nn.Module) -> int:
+    return layer.ffn.out_features
+
+
 ALBERT = Family(
     name="ALBERT",
     layers=_albert_layers,
-    attention_modules=lambda layer: [layer.attention],
+    attention_modules=_own_attention,
     feed_forward_owner=_same,
     feed_forward_method="ff_chunk",
     topk_feed_forward=_albert_topk_feed_forward,
-    intermediate_size=lambda layer: layer.ffn.out_features,
+    intermediate_size=_albert_intermediate_size,
 )
 
 
