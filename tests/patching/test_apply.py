@@ -186,3 +186,11 @@ def test_patched_model_survives_deepcopy_and_pickle():
         assert max_diff_unpadded(hidden(clone, batch), output, batch["attention_mask"]) > 1e-3
         remove_topk(clone)
         assert not _patched_feed_forwards(clone) and clone.config._attn_implementation == "sdpa"
+
+
+def test_remove_topk_on_a_model_loaded_as_topk_switches_to_sdpa():
+    model = tiny_model("roberta", attn_implementation="topk")
+    assert remove_topk(model).config._attn_implementation == "sdpa"
+    assert remove_topk(model).config._attn_implementation == "sdpa"
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        remove_topk(torch.nn.Linear(2, 2))

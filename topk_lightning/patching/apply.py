@@ -111,6 +111,8 @@ def remove_topk(model: PreTrainedModel) -> PreTrainedModel:
     implementation before `apply_topk` was "topk", goes back to transformers' default "sdpa". A model that was
     never patched is returned unchanged otherwise.
     """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"remove_topk expects a transformers PreTrainedModel, got {type(model).__name__}")
     state: _PatchState | None = model.__dict__.get(_STATE_ATTR)
     previous = model.config._attn_implementation if state is None else state.attn_implementation
     if state is not None:
