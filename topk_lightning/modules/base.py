@@ -156,9 +156,8 @@ class TopKTransformerModule(LightningModule):
         # Top-k is patched onto an sdpa model; that way the loaded weights never depend on the attention choice.
         implementation = "sdpa" if hp.attention == "topk" else hp.attention
         model = AutoModel.from_pretrained(self.backbone_path, attn_implementation=implementation)
-        pretrained = getattr(model.config, "max_position_embeddings", None)
-        if hp.max_positions is not None and pretrained is not None and hp.max_positions > pretrained:
-            topk_lightning.extend_position_embeddings(model, hp.max_positions)
+        if hp.max_positions is not None:
+            self._extend_positions(model, hp.max_positions)
         if hp.attention == "topk" or hp.ff_chunk_size is not None or hp.ff_topk is not None:
             config = topk_lightning.TopKConfig(
                 topk=hp.topk,
@@ -172,10 +171,29 @@ class TopKTransformerModule(LightningModule):
                 # Only the feed-forward options were asked for: keep the vanilla attention.
                 model.set_attn_implementation(hp.attention)
         if hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's mode: without this,
         # dropout would stay off during training.
         return model.train()
+
+    @staticmethod
+    def _extend_positions(model: nn.Module, max_positions: int) -> None:
+        import topk_lightning
+
+        try:
+            # A no-op when the table is long enough (RoBERTa-style offsets are handled there).
+            topk_lightning.extend_position_embeddings(model, max_positions)
+        except ValueError:
+            # No learned absolute table (relative or rotary positions): nothing to extend unless the config says
+            # the model is too short.
+            pretrained = getattr(model.config, "max_position_embeddings", None)
+            if pretrained is not None and max_positions > pretrained:
+                raise
+            log.info("max_positions=%d: %s has no learned position table to extend", max_positions,
+                     type(model).__name__)
 
     def build_head(self, hidden_size: int) -> nn.Module:
         """The task head on top of the encoder's (B, T, hidden_size) states. Subclasses override this."""

