@@ -1,0 +1,41 @@
+"""Dynamic padding and the length-grouped sampler."""
+
+import torch
+
+from topk_lightning.data.base import LengthGroupedSampler, PaddingCollator, round_up
+
+
+def test_round_up():
+    assert [round_up(n, 64) for n in (1, 64, 65, 128)] == [64, 64, 128, 128]
+    assert round_up(37, None) == 37 and round_up(37, 1) == 37
+
+
+def test_collator_pads_to_multiple():
+    features = [
+        {"input_ids": [101, 5, 102], "attention_mask": [1, 1, 1], "offset_mapping": [[-1, -1], [0, 3], [-1, -1]],
+         "start_positions": 1, "example_id": "a", "length": 3},
+        {"input_ids": [101] * 70, "attention_mask": [1] * 70, "offset_mapping": [[0, 1]] * 70,
+         "start_positions": 0, "example_id": "b", "length": 70},
+    ]
+    batch = PaddingCollator(pad_token_id=7, pad_to_multiple_of=64)(features)
+    assert batch["input_ids"].shape == (2, 128) and batch["offset_mapping"].shape == (2, 128, 2)
+    assert batch["input_ids"][0, 3:].eq(7).all() and batch["attention_mask"][0, 3:].eq(0).all()
+    assert batch["offset_mapping"][0, 1].tolist() == [0, 3] and batch["offset_mapping"][1, 70:].eq(-1).all()
+    assert batch["start_positions"].tolist() == [1, 0] and batch["example_id"] == ["a", "b"]
+    assert "length" not in batch
+    assert PaddingCollator(0, None)(features)["input_ids"].shape == (2, 70)
+
+
+def test_length_grouped_sampler():
+    lengths = [int(x) for x in torch.randint(1, 1000, (400,), generator=torch.Generator().manual_seed(0))]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=1, mega_batch_factor=10)
+    first = list(sampler)
+    assert sorted(first) == list(range(400))
+    second = list(sampler)  # the next epoch: a new order
+    assert second != first
+    sampler.set_epoch(0)
+    assert list(sampler) == first  # seeded
+    # batches are homogeneous: the spread inside batches is far smaller than random batches' spread
+    spread = [max(lengths[i] for i in first[b:b + 8]) - min(lengths[i] for i in first[b:b + 8])
+              for b in range(0, 400, 8)]
+    assert sum(spread) / len(spread) < 150
