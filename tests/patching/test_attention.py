@@ -69,6 +69,17 @@ def test_user_4d_padding_mask_is_reduced_to_key_padding(kind):
     assert max_diff_unpadded(output, reference, batch["attention_mask"]) < 1e-6
 
 
+def test_user_4d_mask_broadcast_over_the_batch():
+    model = apply_topk(tiny_model("bert"), TopKConfig(topk=4))
+    batch = padded_batch("bert")
+    padding = torch.ones(2, SEQ_LEN, dtype=torch.long)
+    padding[:, -3:] = 0
+    reference = hidden(model, {"input_ids": batch["input_ids"], "attention_mask": padding})
+    mask4d = padding[:1].bool()[:, None, None, :].expand(1, 1, SEQ_LEN, SEQ_LEN)
+    output = hidden(model, {"input_ids": batch["input_ids"], "attention_mask": mask4d})
+    assert max_diff_unpadded(output, reference, padding) < 1e-6
+
+
 def test_user_4d_mask_that_is_not_key_padding_is_rejected():
     model = apply_topk(tiny_model("bert"), TopKConfig(topk=4))
     batch = padded_batch("bert")

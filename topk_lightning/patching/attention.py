@@ -143,7 +143,7 @@ def _to_key_padding(
     if attention_mask.ndim == 4:
         keys = _key_padding_from_4d(attention_mask, causal=causal)
         if keys is not None and keys.shape[0] == 1 and batch > 1:
-            keys = keys.expand(batch, -1)
+            keys = keys.expand(batch, -1).contiguous()
         return keys
     if attention_mask.ndim == 2:
         if attention_mask.shape != (batch, kv_length):
