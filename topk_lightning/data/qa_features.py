@@ -89,6 +89,8 @@ class QAFeaturizer:
         with_labels: add ``start_positions`` / ``end_positions``.
         with_eval_fields: add ``example_id``, ``example_index`` and ``offset_mapping`` (context tokens only,
             ``[-1, -1]`` elsewhere).
+        contexts: the distinct contexts, when the example columns carry ``context_index`` instead of ``context``
+            (see ``examples_to_indexed_columns``; keeps one copy of a long article shared by many questions).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class QAFeaturizer:
         max_question_length: int,
         with_labels: bool = True,
         with_eval_fields: bool = False,
+        contexts: Sequence[str] | None = None,
     ) -> None:
         from tokenizers import Tokenizer
 
@@ -119,6 +122,7 @@ class QAFeaturizer:
         self.with_labels = with_labels
         self.with_eval_fields = with_eval_fields
         self.with_token_type_ids = "token_type_ids" in tokenizer.model_input_names
+        self.contexts = contexts
 
     def _questions(self, questions: Sequence[str]) -> list:
         questions = [q.lstrip() for q in questions]
@@ -166,11 +170,17 @@ class QAFeaturizer:
         return np.asarray(window.offsets[first : last + 1], dtype=np.int32).reshape(-1, 2)  # not a plain slice
 
     def __call__(self, examples: dict[str, list]) -> dict[str, list]:
-        """Columns in (``question``, ``context``, ``answer_text``/``answer_start`` when labelled, ``id``,
+        """Columns in (``question``, ``context`` or ``context_index``, ``answer_text``/``answer_start`` when labelled, ``id``,
         ``example_index``); columns out: ``input_ids``, ``attention_mask``, (``token_type_ids``), ``length`` and the
         optional label / eval columns."""
         questions = self._questions(examples["question"])
         contexts: dict[str, Any] = {}
+        if "context_index" in examples:
+            if self.contexts is None:
+                raise ValueError("columns with 'context_index' need the QAFeaturizer's contexts")
+            context_texts = [self.contexts[i] for i in examples["context_index"]]
+        else:
+            context_texts = examples["context"]
         ids = examples.get("id") or [str(i) for i in range(len(questions))]
         features: dict[str, list] = {"input_ids": [], "attention_mask": [], "length": []}
         if self.with_token_type_ids:
@@ -179,7 +189,7 @@ class QAFeaturizer:
             features["start_positions"], features["end_positions"] = [], []
         if self.with_eval_fields:
             features["offset_mapping"], features["example_id"], features["example_index"] = [], [], []
-        for sample, (question, context_text) in enumerate(zip(questions, examples["context"])):
+        for sample, (question, context_text) in enumerate(zip(questions, context_texts)):
             if context_text not in contexts:
                 encoding = self.plain.encode(context_text, add_special_tokens=False)
                 contexts[context_text] = (encoding, np.asarray(encoding.ids, dtype=np.int32),
@@ -239,3 +249,13 @@ def examples_to_columns(examples: Sequence[dict], *, with_labels: bool) -> dict[
         columns["answer_text"] = [list(e["answers"]["text"]) for e in examples]
         columns["answer_start"] = [list(e["answers"]["answer_start"]) for e in examples]
     return columns
+
+
+def examples_to_indexed_columns(examples: Sequence[dict], *, with_labels: bool) -> tuple[dict[str, list], list[str]]:
+    """Like ``examples_to_columns`` but with ``context_index`` into the returned list of distinct contexts."""
+    index: dict[str, int] = {}
+    for example in examples:
+        index.setdefault(example["context"], len(index))
+    columns = examples_to_columns(examples, with_labels=with_labels)
+    columns["context_index"] = [index[c] for c in columns.pop("context")]
+    return columns, list(index)

@@ -14,7 +14,7 @@ from typing import Literal
 from topk_lightning.data.base import BaseDataModule, FeatureDataset, feature_cache_key, map_with_cache, \
     tokenizer_fingerprint
 from topk_lightning.data.needle import needle_file
-from topk_lightning.data.qa_features import QAFeaturizer, examples_to_columns
+from topk_lightning.data.qa_features import QAFeaturizer, examples_to_indexed_columns
 from topk_lightning.data.squad import join_paragraphs as join_article_paragraphs
 from topk_lightning.data.squad import load_qa_examples
 
@@ -164,10 +164,10 @@ class QADataModule(BaseDataModule):
         params = dict(max_length=self.max_length, doc_stride=self.doc_stride,
                       max_question_length=self.max_question_length, with_labels=with_labels,
                       with_eval_fields=with_eval_fields)
-        key = feature_cache_key(examples=examples, tokenizer=tokenizer_fingerprint(self.tokenizer), params=params,
-                                version=_FEATURE_VERSION)
-        features = map_with_cache(examples_to_columns(examples, with_labels=with_labels),
-                                  QAFeaturizer(self.tokenizer, **params),
+        columns, contexts = examples_to_indexed_columns(examples, with_labels=with_labels)
+        key = feature_cache_key(columns=columns, contexts=contexts, tokenizer=tokenizer_fingerprint(self.tokenizer),
+                                params=params, version=_FEATURE_VERSION)
+        features = map_with_cache(columns, QAFeaturizer(self.tokenizer, contexts=contexts, **params),
                                   cache_file=self.cache_dir / "features" / f"qa-{split}-{key}.arrow",
                                   desc=f"tokenizing {split}")
         log.info("%s: %d examples -> %d windows of <= %d tokens", split, len(examples), len(features),
