@@ -39,3 +39,25 @@ def test_length_grouped_sampler():
     spread = [max(lengths[i] for i in first[b:b + 8]) - min(lengths[i] for i in first[b:b + 8])
               for b in range(0, 400, 8)]
     assert sum(spread) / len(spread) < 150
+
+
+def test_interrupted_tokenisation_leaves_no_cache_file(tmp_path):
+    import pytest
+
+    from topk_lightning.data.base import map_with_cache
+
+    calls = []
+
+    def tokenize(batch):
+        calls.append(len(batch["text"]))
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return {"input_ids": [[1, 2]] * len(batch["text"]), "length": [2] * len(batch["text"])}
+
+    cache_file = tmp_path / "features" / "cls-train-abc.arrow"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        map_with_cache({"text": ["a"] * 10}, tokenize, cache_file=cache_file, desc="test", batch_size=4)
+    assert list(cache_file.parent.iterdir()) == []
+    features = map_with_cache({"text": ["a"] * 10}, lambda b: {"length": [1] * len(b["text"])},
+                              cache_file=cache_file, desc="test", batch_size=4)
+    assert len(features) == 10 and [p.name for p in cache_file.parent.iterdir()] == [cache_file.name]
