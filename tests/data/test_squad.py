@@ -79,8 +79,8 @@ BAD = {
                         r"missing field 'context'"),
     "missing_question": ({"id": "bad1", "context": CONTEXT, "answers": {"text": [], "answer_start": []}},
                          r"missing field 'question'"),
-    "empty_context": ({"id": "bad1", "question": "Where?", "context": "  ", "answers": {"text": [], "answer_start": []}},
-                      r"empty context"),
+    "empty_context": ({"id": "bad1", "question": "Where?", "context": "  ",
+                       "answers": {"text": [], "answer_start": []}}, r"empty context"),
     "answer_not_at_start": ({"id": "bad1", "question": "Where?", "context": CONTEXT,
                              "answers": {"text": ["France"], "answer_start": [50]}},
                             r"answer text 'France' not found at answer_start=50"),
@@ -145,10 +145,12 @@ def test_skip_invalid_counts_and_warns_once(tmp_path, caplog):
 # -- join_paragraphs ----------------------------------------------------------------------------------------------
 def test_join_paragraphs_small():
     examples = [
-        {"id": "1", "title": "A", "question": "q", "context": "abc def", "answers": {"text": ["def"], "answer_start": [4]}},
+        {"id": "1", "title": "A", "question": "q", "context": "abc def",
+         "answers": {"text": ["def"], "answer_start": [4]}},
         {"id": "2", "title": "A", "question": "q", "context": "xyz", "answers": {"text": ["xyz"], "answer_start": [0]}},
         {"id": "3", "title": "B", "question": "q", "context": "solo", "answers": {"text": [], "answer_start": []}},
-        {"id": "4", "title": "A", "question": "q", "context": "abc def", "answers": {"text": ["abc"], "answer_start": [0]}},
+        {"id": "4", "title": "A", "question": "q", "context": "abc def",
+         "answers": {"text": ["abc"], "answer_start": [0]}},
     ]
     joined = join_paragraphs(examples, separator=" || ")
     assert [e["context"] for e in joined] == ["abc def || xyz", "abc def || xyz", "solo", "abc def || xyz"]

@@ -175,7 +175,9 @@ class ClassificationDataModule(BaseDataModule):
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object with column {self.text_column!r}")
         row: dict[str, Any] = {}
-        columns = [("text", self.text_column)] + ([("text_pair", self.text_pair_column)] if self.text_pair_column else [])
+        columns = [("text", self.text_column)]
+        if self.text_pair_column:
+            columns.append(("text_pair", self.text_pair_column))
         for key, column in columns:
             value = record.get(column)
             if not isinstance(value, str) or not value.strip():

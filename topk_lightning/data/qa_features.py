@@ -165,14 +165,18 @@ class QAFeaturizer:
         first, last = bounds
         n = last - first + 1
         begin = int(np.searchsorted(context_offsets[:, 0], window.token_to_chars(first)[0], side="left"))
-        if begin + n <= len(context_ids) and np.array_equal(context_ids[begin : begin + n], input_ids[first : last + 1]):
+        window_ids = input_ids[first : last + 1]
+        if begin + n <= len(context_ids) and np.array_equal(context_ids[begin : begin + n], window_ids):
             return context_offsets[begin : begin + n]
         return np.asarray(window.offsets[first : last + 1], dtype=np.int32).reshape(-1, 2)  # not a plain slice
 
     def __call__(self, examples: dict[str, list]) -> dict[str, list]:
-        """Columns in (``question``, ``context`` or ``context_index``, ``answer_text``/``answer_start`` when labelled, ``id``,
-        ``example_index``); columns out: ``input_ids``, ``attention_mask``, (``token_type_ids``), ``length`` and the
-        optional label / eval columns."""
+        """Windows of one batch of example columns.
+
+        Columns in: ``question``, ``context`` (or ``context_index``), ``answer_text`` / ``answer_start`` when
+        labelled, ``id``, ``example_index``. Columns out: ``input_ids``, ``attention_mask``, (``token_type_ids``),
+        ``length`` and the optional label / eval columns.
+        """
         questions = self._questions(examples["question"])
         contexts: dict[str, Any] = {}
         if "context_index" in examples:

@@ -146,7 +146,9 @@ def flatten_squad(data: dict, *, source: str) -> list[dict]:
                 raise InvalidExampleError(f"{source}: article {title!r} paragraph #{p} has no 'qas' list")
             for qa in paragraph["qas"]:
                 if not isinstance(qa, dict):
-                    raise InvalidExampleError(f"{source}: article {title!r} paragraph #{p}: a question is not an object")
+                    raise InvalidExampleError(
+                        f"{source}: article {title!r} paragraph #{p}: a question is not an object"
+                    )
                 record = {"title": title, **{k: v for k, v in qa.items() if k in ("id", "question", "answers")}}
                 if "context" in paragraph:
                     record["context"] = paragraph["context"]
@@ -172,7 +174,9 @@ def _read_jsonl(path: Path, text: str) -> list:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: malformed JSON on line {line_number}: {error.msg} (column {error.colno})") from None
+            raise ValueError(
+                f"{path}: malformed JSON on line {line_number}: {error.msg} (column {error.colno})"
+            ) from None
     return records
 
 
