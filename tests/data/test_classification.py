@@ -98,7 +98,7 @@ def test_bad_rows(tmp_path, tokenizer_path, caplog):
     dm = make(tmp_path, tokenizer_path, train_file=path, label_names=["negative", "positive"], skip_invalid=True)
     with caplog.at_level("WARNING"):
         dm.setup("fit")
-    assert len(dm.splits["train"]) == 3
+    assert len(dm.splits["train"]) == 3 and dm.skipped == {"train": 1}
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"skipped 1 invalid row(s) of 4 in {path}; first: {path}: row 3 (id 'r10'): unknown label 'angry'; "
         "expected one of ['negative', 'positive'] or an index below 2"

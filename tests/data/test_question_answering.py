@@ -131,6 +131,12 @@ def test_bad_file_through_the_datamodule(tmp_path, tokenizer_path):
     dm = make(tmp_path, tokenizer_path, train_file=str(path))
     with pytest.raises(ValueError, match=r"bad\.json: example id 'x1': answer text 'zzz' not found"):
         dm.setup("fit")
+    dm = make(tmp_path, tokenizer_path, train_file=str(path), validation_file=write_flat(tmp_path / "ok.jsonl"),
+              skip_invalid=True)
+    with pytest.raises(ValueError, match=r"bad\.json: no usable examples for the train split"):
+        dm.setup("fit")
+    dm.setup("validate")
+    assert dm.skipped == {"train": 1, "validation": 0} and len(dm.splits["validation"]) == 10
     dm = make(tmp_path, tokenizer_path, train_file=str(tmp_path / "missing.json"))
     with pytest.raises(FileNotFoundError, match="missing.json"):
         dm.setup("fit")

@@ -102,6 +102,7 @@ class ClassificationDataModule(BaseDataModule):
         self._label_names = list(label_names) if label_names is not None else None
         self.max_length = max_length
         self.skip_invalid = skip_invalid
+        self.skipped: dict[str, int] = {}  # split -> invalid rows dropped (with skip_invalid)
         self.limits = {"train": limit_train_examples, "validation": limit_eval_examples,
                        "test": limit_eval_examples, "predict": limit_eval_examples}
 
@@ -155,6 +156,7 @@ class ClassificationDataModule(BaseDataModule):
                 continue
             for key, value in row.items():
                 columns[key].append(value)
+        self.skipped[split] = skipped
         if skipped:
             log.warning("skipped %d invalid row(s) of %d in %s; first: %s", skipped, len(records), path, first_error)
         if not self.text_pair_column:

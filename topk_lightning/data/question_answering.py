@@ -123,6 +123,7 @@ class QADataModule(BaseDataModule):
                        "test": limit_eval_examples, "predict": limit_eval_examples}
         self.needle = dict(document_words=needle_document_words, num_distractors=needle_distractors,
                            unanswerable_fraction=needle_unanswerable_fraction, seed=needle_seed)
+        self.skipped: dict[str, int] = {}  # split -> invalid examples dropped (with skip_invalid)
         self.needle_counts = {"train": needle_train_examples, "validation": needle_eval_examples,
                               "test": needle_eval_examples}
 
@@ -146,7 +147,8 @@ class QADataModule(BaseDataModule):
         path = self.source_file(split)
         if path is None:
             return None
-        examples, _ = load_qa_examples(path, require_answers=split != "predict", skip_invalid=self.skip_invalid)
+        examples, self.skipped[split] = load_qa_examples(path, require_answers=split != "predict",
+                                                         skip_invalid=self.skip_invalid)
         if self.join_paragraphs:
             examples = join_article_paragraphs(examples, separator=self.paragraph_separator)
         if self.limits[split] is not None:
