@@ -103,6 +103,9 @@ class TopKTransformerModule(LightningModule):
         adam_epsilon: AdamW epsilon.
     """
 
+    #: ``__init__`` arguments of a subclass that are not saved as hyperparameters (output paths and the like).
+    runtime_arguments: tuple[str, ...] = ()
+
     def __init__(
         self,
         *,
@@ -136,7 +139,9 @@ class TopKTransformerModule(LightningModule):
         if warmup_steps is not None and warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 or None, got {warmup_steps}")
         # Collects the arguments of this and every subclass __init__, so load_from_checkpoint rebuilds the same model.
-        self.save_hyperparameters()
+        # Run-time options (where to write outputs) are left out: LightningCLI lets a checkpoint's hyperparameters
+        # override the command line, which must not happen to them.
+        self.save_hyperparameters(ignore=list(self.runtime_arguments))
         self.backbone = self.build_backbone()
         self.head = self.build_head(self.backbone.config.hidden_size)
 

@@ -56,12 +56,14 @@ class ExtractiveQAModule(TopKTransformerModule):
         n_best_size: spans kept per window when decoding.
         max_answer_length: longest answer in tokens.
         predictions_file: where ``predict`` writes ``{id: answer}`` JSON; ``None`` = keep them in
-            ``module.predictions`` only.
+            ``module.predictions`` only. A run-time option: not saved with the hyperparameters.
 
     Logged metrics (percentages): ``val/em``, ``val/f1`` (SQuAD v1 via torchmetrics, or v2 overall), with
     ``version_2_with_negative`` also ``val/has_ans_em``, ``val/has_ans_f1``, ``val/no_ans_em``, ``val/no_ans_f1``;
     ``val/loss``; the same under ``test/``; ``train/loss`` per step.
     """
+
+    runtime_arguments = ("predictions_file",)
 
     def __init__(
         self,
@@ -108,6 +110,7 @@ class ExtractiveQAModule(TopKTransformerModule):
             warmup_steps=warmup_steps,
             adam_epsilon=adam_epsilon,
         )
+        self.predictions_file = predictions_file
         self.predictions: dict[str, str] = {}
         self._results: list[FeatureResult] = []
 
@@ -239,8 +242,8 @@ class ExtractiveQAModule(TopKTransformerModule):
         results = self._gather_results()
         self._results = []
         self.predictions = self.decode(results)
-        if self.hparams.predictions_file and self.trainer.is_global_zero:
-            path = write_predictions(self.predictions, self.hparams.predictions_file)
+        if self.predictions_file and self.trainer.is_global_zero:
+            path = write_predictions(self.predictions, self.predictions_file)
             rank_zero_info(f"Wrote {len(self.predictions)} predictions to {path}")
 
     # ------------------------------------------------------------------ export

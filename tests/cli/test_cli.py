@@ -1,0 +1,160 @@
+"""The CLI end to end on tiny random models: fit, validate, test, predict, export, links, configs."""
+
+import json
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+
+from topk_lightning.cli import build_cli, main, positions_for
+
+from conftest import REPO, tiny_qa_args
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_console_scripts_point_to_the_same_main():
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name in ("lightning", "topk-lightning")}
+    assert scripts == {"lightning": "topk_lightning.cli:main", "topk-lightning": "topk_lightning.cli:main"}
+
+
+def test_positions_for_rounds_up_to_the_padding_multiple():
+    assert positions_for(2048, 64) == 2048
+    assert positions_for(2000, 64) == 2048
+    assert positions_for(100, None) == 100
+    assert positions_for(None, 64) is None
+
+
+def test_fit_validate_test_predict_and_export(tmp_path, tiny_bert, qa_files):
+    args = tiny_qa_args(tiny_bert, qa_files, tmp_path)
+    cli = build_cli(["fit", *args, "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                     "--trainer.callbacks.monitor=val/f1", "--trainer.callbacks.mode=max",
+                     f"--export_dir={tmp_path / 'export'}"])
+    model = cli.model
+    assert model.hparams.max_positions == 96 and model.hparams.tokenizer == tiny_bert  # linked from data
+    assert model.backbone.config._attn_implementation == "topk"
+    metrics = cli.trainer.callback_metrics
+    for name in ("val/em", "val/f1", "val/has_ans_f1", "val/no_ans_f1", "train/loss"):
+        assert name in metrics
+    best = cli.trainer.checkpoint_callback.best_model_path
+    assert best and Path(best).is_file()
+    config_file = Path(cli.trainer.log_dir) / "config.yaml"
+    assert config_file.is_file()
+
+    # the saved config reproduces the run; validate/test from the best checkpoint give the same F1
+    validate = build_cli(["validate", "--config", str(config_file), f"--ckpt_path={best}", "--export_dir=null"])
+    f1 = float(validate.trainer.callback_metrics["val/f1"])
+    assert f1 == pytest.approx(float(cli.trainer.checkpoint_callback.best_model_score), abs=1e-4)
+    test = build_cli(["test", *args, f"--data.test_file={qa_files['validation']}", f"--ckpt_path={best}"])
+    assert float(test.trainer.callback_metrics["test/f1"]) == pytest.approx(f1, abs=1e-4)
+
+    predictions_file = tmp_path / "predictions.json"
+    predict = build_cli(["predict", *args, f"--data.predict_file={qa_files['validation']}", f"--ckpt_path={best}",
+                         f"--model.predictions_file={predictions_file}"])
+    predictions = json.loads(predictions_file.read_text())
+    ids = [q["id"] for a in json.loads(Path(qa_files["validation"]).read_text())["data"]
+           for p in a["paragraphs"] for q in p["qas"]]
+    assert sorted(predictions) == sorted(ids)
+    assert predictions == validate.model.predictions  # same checkpoint, same decoding
+
+    # --export_dir saved the best checkpoint for plain transformers
+    from transformers import AutoModelForQuestionAnswering
+
+    exported = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "export")
+    loaded = type(model).load_from_checkpoint(best)
+    torch.testing.assert_close(exported.qa_outputs.weight, loaded.head.weight)
+
+
+def test_vanilla_attention_from_a_config_preset(tmp_path, tiny_bert, qa_files):
+    args = tiny_qa_args(tiny_bert, qa_files, tmp_path)
+    cli = build_cli(["fit", *args, "--config", str(REPO / "configs/model/vanilla.yaml"),
+                     "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"])
+    assert cli.model.hparams.attention == "sdpa"
+    assert cli.model.backbone.config._attn_implementation == "sdpa"
+
+
+def test_classification_links_num_labels(tmp_path, tiny_bert, classification_files):
+    cli = build_cli([
+        "fit",
+        "--model=topk_lightning.modules.SequenceClassificationModule",
+        f"--model.backbone={tiny_bert}",
+        "--model.topk=4",
+        "--model.query_chunk_size=16",
+        "--data=topk_lightning.data.ClassificationDataModule",
+        f"--data.tokenizer={tiny_bert}",
+        f"--data.train_file={classification_files['train']}",
+        f"--data.validation_file={classification_files['validation']}",
+        "--data.max_length=200",
+        "--data.batch_size=3",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ])
+    assert cli.model.hparams.num_labels == 3  # animal, finance, weather
+    assert cli.model.hparams.max_positions == 256  # 200 rounded up to the padding multiple of 64
+    assert cli.model.backbone.embeddings.position_embeddings.num_embeddings == 256
+    assert {"val/acc", "val/f1", "val/loss"} <= set(cli.trainer.callback_metrics)
+
+
+def test_help_lists_model_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", "topk_lightning.modules.ExtractiveQAModule"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model.attention", "--model.topk", "--model.query_chunk_size",
+                   "--model.ff_chunk_size", "--model.null_score_threshold",
+                   "--model.gradient_checkpointing", "--model.predictions_file"):
+        assert option in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_parses(recipe, capsys):
+    import yaml
+
+    configs = ["--config", str(recipe)]
+    if "model" not in yaml.safe_load(recipe.read_text()):  # an overlay (qa-ddp.yaml) goes on top of the main recipe
+        configs = ["--config", str(REPO / "recipes/qa.yaml"), *configs]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *configs, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: topk_lightning.modules." in printed
+
+
+@pytest.mark.parametrize("fragment", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_config_fragment_layers_on_the_main_recipe(fragment, capsys):
+    import yaml
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "recipes/qa.yaml"), "--config", str(fragment), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for group, values in yaml.safe_load(fragment.read_text()).items():
+        target = printed[group]["init_args"] if group in ("model", "data") else printed[group]
+        for key, value in (values.get("init_args", values)).items():
+            assert target[key] == value, (group, key)
+
+
+def test_omegaconf_interpolation(tmp_path, capsys):
+    config = tmp_path / "interp.yaml"
+    config.write_text(
+        "model:\n  class_path: topk_lightning.modules.ExtractiveQAModule\n  init_args:\n    topk: 48\n"
+        "    query_chunk_size: ${model.init_args.topk}\n"
+        "data:\n  class_path: topk_lightning.data.QADataModule\n  init_args:\n    batch_size: 3\n"
+        "    eval_batch_size: ${data.init_args.batch_size}\n"
+    )
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["query_chunk_size"] == 48
+    assert printed["data"]["init_args"]["eval_batch_size"] == 3
