@@ -9,7 +9,7 @@ import torch
 
 from topk_lightning.cli import build_cli, main, positions_for
 
-from conftest import REPO, tiny_qa_args
+from cli_helpers import REPO, tiny_qa_args
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

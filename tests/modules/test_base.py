@@ -35,7 +35,10 @@ def test_parameter_groups_exclude_biases_and_layernorm(tiny_bert):
     names = {id(p): n for n, p in module.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     plain = {names[id(p)] for p in no_decay["params"]}
-    assert decayed.isdisjoint(plain) and decayed | plain == set(names.values())
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert decayed.isdisjoint(plain) and decayed | plain == trainable
+    # the unused pooler is frozen (DDP would fail on parameters without gradients) and left out
+    assert trainable == {n for n in names.values() if not n.startswith("backbone.pooler.")}
     assert all(n.endswith(".bias") or "LayerNorm" in n for n in plain)
     assert "head.bias" in plain and "backbone.embeddings.LayerNorm.weight" in plain
     assert "backbone.encoder.layer.0.attention.self.query.weight" in decayed

@@ -180,6 +180,12 @@ class TopKTransformerModule(LightningModule):
                 model.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for name in self.unused_backbone_modules():
+            module = getattr(model, name, None)
+            if isinstance(module, nn.Module):
+                # Frozen, not removed: the export keeps the pretrained weights, and DDP does not wait for gradients
+                # that never come (it fails on parameters unused by the loss).
+                module.requires_grad_(False)
         # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's mode: without this,
         # dropout would stay off during training.
         return model.train()
@@ -199,6 +205,11 @@ class TopKTransformerModule(LightningModule):
                 raise
             log.info("max_positions=%d: %s has no learned position table to extend", max_positions,
                      type(model).__name__)
+
+    def unused_backbone_modules(self) -> list[str]:
+        """Attributes of the backbone that the task does not use (frozen). Default: the ``pooler``, since heads
+        read the hidden states. Return ``[]`` in a subclass whose head uses ``pooler_output``."""
+        return ["pooler"]
 
     def build_head(self, hidden_size: int) -> nn.Module:
         """The task head on top of the encoder's (B, T, hidden_size) states. Subclasses override this."""
