@@ -1,0 +1,57 @@
+"""The subclassing example of docs/USAGE.md, run as written: top-k and dense attention through the CLI."""
+
+import re
+import sys
+
+import pytest
+import yaml
+
+from cli_helpers import REPO, tiny_qa_args
+from topk_lightning.cli import build_cli, main
+
+
+def example_source() -> str:
+    text = (REPO / "docs/USAGE.md").read_text()
+    match = re.search(r"<!-- example: answer_presence\.py.*?-->\s*```python\n(.*?)```", text, re.S)
+    assert match, "the example block is missing from docs/USAGE.md"
+    return match.group(1)
+
+
+@pytest.fixture
+def example_module(tmp_path, restore_sys_path):
+    (tmp_path / "answer_presence.py").write_text(example_source())
+    sys.path.insert(0, str(tmp_path))
+    sys.modules.pop("answer_presence", None)
+    yield "answer_presence.AnswerPresenceModule"
+    sys.modules.pop("answer_presence", None)
+
+
+def test_example_is_short():
+    lines = [l for l in example_source().splitlines() if l.strip() and not l.lstrip().startswith(("import", "from"))]
+    assert len(lines) <= 25
+
+
+def test_example_with_the_main_recipe_keeps_shared_arguments(example_module, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "recipes/qa.yaml"), f"--model={example_module}",
+              "--trainer.callbacks=lightning.pytorch.callbacks.TQDMProgressBar", "--model.attention=sdpa",
+              "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    init = printed["model"]["init_args"]
+    assert printed["model"]["class_path"] == example_module
+    assert init["attention"] == "sdpa" and init["query_chunk_size"] == 512 and init["pos_weight"] == 1.0
+    assert "version_2_with_negative" not in init
+    callbacks = printed["trainer"]["callbacks"]  # replaced: no ModelCheckpoint watching val/f1 any more
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    assert [c["class_path"] for c in callbacks] == ["lightning.pytorch.callbacks.TQDMProgressBar"]
+
+
+@pytest.mark.parametrize("attention", ["topk", "sdpa"])
+def test_example_trains_with_topk_and_vanilla(tmp_path, tiny_bert, qa_files, example_module, attention):
+    args = [a for a in tiny_qa_args(tiny_bert, qa_files, tmp_path, attention=attention)
+            if not a.startswith(("--model=", "--model.version_2"))]
+    cli = build_cli(["fit", f"--model={example_module}", "--model.pos_weight=2.0", *args])
+    assert type(cli.model).__name__ == "AnswerPresenceModule"
+    assert cli.model.hparams.pos_weight == 2.0 and cli.model.hparams.topk == 8
+    assert cli.model.backbone.config._attn_implementation == attention
+    assert "val/acc" in cli.trainer.callback_metrics and "train/loss" in cli.trainer.callback_metrics
