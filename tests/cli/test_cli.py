@@ -158,3 +158,11 @@ def test_omegaconf_interpolation(tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["query_chunk_size"] == 48
     assert printed["data"]["init_args"]["eval_batch_size"] == 3
+
+
+def test_precision_and_accumulation_flags(tmp_path, tiny_bert, qa_files):
+    cli = build_cli(["fit", *tiny_qa_args(tiny_bert, qa_files, tmp_path), "--trainer.precision=bf16-mixed",
+                     "--trainer.accumulate_grad_batches=2", "--trainer.limit_val_batches=1"])
+    assert cli.trainer.precision == "bf16-mixed"
+    assert cli.trainer.global_step == 1  # 2 batches accumulated into one optimiser step
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
