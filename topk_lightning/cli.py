@@ -17,9 +17,7 @@ Added on top of LightningCLI:
 
 from __future__ import annotations
 
-import logging
 import math
-from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -27,8 +25,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 __all__ = ["TopKLightningCLI", "build_cli", "main", "positions_for"]
-
-log = logging.getLogger(__name__)
 
 
 def positions_for(max_length: int | None, pad_to_multiple_of: int | None) -> int | None:

@@ -79,10 +79,8 @@ def feature_candidates(
     rows = []
     for d in range(max_len):
         row = torch.full((length,), float("-inf"))
-        if d < length:
-            s = start[: length - d] + end[d:]
-            ok = valid[: length - d] & valid[d:]
-            row[: length - d] = torch.where(ok, s, neg_inf)
+        ok = valid[: length - d] & valid[d:]
+        row[: length - d] = torch.where(ok, start[: length - d] + end[d:], neg_inf)
         rows.append(row)
     scores = torch.stack(rows)  # (max_len, T)
     flat = scores.flatten()
