@@ -7,9 +7,10 @@ flag of Lightning works (``--trainer.strategy=ddp --trainer.devices=2``, ``--tra
 
 Added on top of LightningCLI:
 
-- links: the model's ``tokenizer`` (saved by ``export``) is the data module's ``tokenizer``; the model's ``max_positions`` follows the data's ``max_length`` (rounded up to the data's
-  ``pad_to_multiple_of``, the longest padded batch), and a classification model's ``num_labels`` follows the data
-  module's ``num_labels`` (read from the label column);
+- links: the model's ``tokenizer`` (saved by ``export``) is the data module's ``tokenizer``; the model's
+  ``max_positions`` follows the data's ``max_length`` (rounded up to the data's ``pad_to_multiple_of``, the longest
+  padded batch); a classification model's ``num_labels`` follows the data module's ``num_labels`` (read from the
+  label column);
 - ``--export_dir DIR``: after the subcommand, save the model with ``save_pretrained`` (for ``fit``: the best checkpoint
   when a ``ModelCheckpoint`` kept one) -- see ``TopKTransformerModule.export``;
 - after ``fit``, the final validation metrics and the best checkpoint are printed.
@@ -62,10 +63,8 @@ class TopKLightningCLI(LightningCLI):
             return
         model = self.model
         if self.subcommand == "fit":
-            best = next(
-                (cb.best_model_path for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.best_model_path),
-                "",
-            )
+            checkpoints = [cb for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+            best = next((cb.best_model_path for cb in checkpoints if cb.best_model_path), "")
             if best:
                 model = type(self.model).load_from_checkpoint(best, map_location="cpu")
                 rank_zero_info(f"Exporting the best checkpoint {best}")

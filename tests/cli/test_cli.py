@@ -16,7 +16,8 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
 def test_console_scripts_point_to_the_same_main():
-    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name in ("lightning", "topk-lightning")}
+    names = ("lightning", "topk-lightning")
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name in names}
     assert scripts == {"lightning": "topk_lightning.cli:main", "topk-lightning": "topk_lightning.cli:main"}
 
 

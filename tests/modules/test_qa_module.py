@@ -31,8 +31,9 @@ def qa_batch(tokenizer, examples):
         if gold:
             char_start = context.index(gold[0])
             char_end = char_start + len(gold[0])
-            start = next(t for t, s in enumerate(sequence_ids) if s == 1 and offsets[i, t, 0] <= char_start < offsets[i, t, 1])
-            end = next(t for t, s in enumerate(sequence_ids) if s == 1 and offsets[i, t, 0] < char_end <= offsets[i, t, 1])
+            tokens = [t for t, s in enumerate(sequence_ids) if s == 1]
+            start = next(t for t in tokens if offsets[i, t, 0] <= char_start < offsets[i, t, 1])
+            end = next(t for t in tokens if offsets[i, t, 0] < char_end <= offsets[i, t, 1])
         starts.append(start)
         ends.append(end)
     return {

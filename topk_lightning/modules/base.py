@@ -12,7 +12,7 @@ hyperparameters for ``load_from_checkpoint`` and :meth:`~TopKTransformerModule.e
 
 ::
 
-    batch ──► encode() ──► backbone (AutoModel; "topk" | "sdpa" | "eager" attention) ──► (B, T, H) ──► head ──► loss
+    batch ─► encode() ─► backbone (AutoModel, "topk" | "sdpa" | "eager") ─► (B, T, H) ─► head ─► loss
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ class SequenceClassificationModule(TopKTransformerModule):
         )
 
     def build_head(self, hidden_size: int) -> nn.Module:
-        return nn.Sequential(nn.Dropout(self.hparams.classifier_dropout), nn.Linear(hidden_size, self.hparams.num_labels))
+        hp = self.hparams
+        return nn.Sequential(nn.Dropout(hp.classifier_dropout), nn.Linear(hidden_size, hp.num_labels))
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T, H) -> (B, H): the first token, or the mean over non-padding tokens."""

@@ -253,7 +253,8 @@ class ExtractiveQAModule(TopKTransformerModule):
 
         from topk_lightning.modules.base import _plain_config
 
-        model = AutoModelForQuestionAnswering.from_config(_plain_config(self.backbone.config), attn_implementation="sdpa")
+        config = _plain_config(self.backbone.config)
+        model = AutoModelForQuestionAnswering.from_config(config, attn_implementation="sdpa")
         base = getattr(model, model.base_model_prefix)
         missing, unexpected = base.load_state_dict(self.backbone.state_dict(), strict=False)
         # QA models drop the pooler that AutoModel has; anything else missing means a layout we do not know.
