@@ -155,11 +155,7 @@ def _select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 def _softmax_rows(values: torch.Tensor) -> torch.Tensor:
     """Softmax in fp32 (at least) over the last dim; rows that are all -inf give zeros instead of NaN."""
     values = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
-    row_max = values.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-    weights = torch.exp(values - row_max)
-    total = weights.sum(dim=-1, keepdim=True)
-    return weights / torch.where(total == 0, torch.ones_like(total), total)
+    return torch.softmax(values, dim=-1).nan_to_num_(0.0)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -200,11 +196,12 @@ class _TopKAttention(torch.autograd.Function):
             padding_bias = torch.zeros(batch, 1, 1, k_len, dtype=query.dtype, device=query.device)
             padding_bias.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
 
+        scaled_query = query * scale
         tile = _rows_per_tile(batch, heads, k_len, query_chunk_size)
         for start in range(0, q_len, tile):
             stop = min(start + tile, q_len)
             rows = stop - start
-            q_tile = (query[:, :, start:stop] * scale).reshape(batch, kv_heads, group * rows, head_dim)
+            q_tile = scaled_query[:, :, start:stop].reshape(batch, kv_heads, group * rows, head_dim)
             scores = torch.matmul(q_tile, key_t).view(batch, heads, rows, k_len)
             if bias is not None:
                 scores += bias[..., start:stop, :] if bias.dim() >= 2 and bias.shape[-2] != 1 else bias
