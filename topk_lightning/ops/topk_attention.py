@@ -30,7 +30,7 @@ from topk_lightning.ops.sparse_rows import TransposedPattern, sampled_dot, weigh
 # produce than 128-row ones). The user's query_chunk_size stays the upper bound on rows per tile.
 _TILE_ELEMENTS = 1 << 22
 # Backward works on groups of heads holding about this many kept entries, bounding its temporaries.
-_BACKWARD_ENTRIES = 1 << 21
+_BACKWARD_ENTRIES = 1 << 20
 
 
 def topk_attention(
