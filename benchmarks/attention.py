@@ -2,7 +2,7 @@
 
 Every configuration runs in its own Python process, so one run's allocations cannot hide in another's peak.
 Peak memory is the rise of the process's resident set (VmHWM, reset through /proc/self/clear_refs) over what it
-held once the inputs existed. Time is the median of ``--repeats`` forward+backward passes after one warm-up.
+held once the inputs existed, across the warm-up and the timed passes. Time is the median of ``--repeats`` forward+backward passes after one warm-up.
 
     python benchmarks/attention.py                      # defaults below, prints a markdown table
     python benchmarks/attention.py --lengths 1024 4096 --json results.json
@@ -87,9 +87,10 @@ def measure(impl: str, length: int, args: argparse.Namespace) -> dict:
             for p in (*lin1.parameters(), *lin2.parameters()):
                 p.grad = None
 
-    step()  # warm-up: allocator pools, lazy init
+    # The peak covers the warm-up too: memory the allocator keeps after the first pass is memory the layer needs.
     _reset_peak()
     baseline = _rss_kib("VmRSS")
+    step()  # warm-up: lazy initialisation, allocator pools
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()

@@ -30,7 +30,7 @@ from topk_lightning.ops.sparse_rows import TransposedPattern, sampled_dot, weigh
 # produce than 128-row ones). The user's query_chunk_size stays the upper bound on rows per tile.
 _TILE_ELEMENTS = 1 << 22
 # Backward works on groups of heads holding about this many kept entries, bounding its temporaries.
-_BACKWARD_ENTRIES = 1 << 20
+_BACKWARD_ENTRIES = 1 << 19
 
 
 def topk_attention(
@@ -196,12 +196,12 @@ class _TopKAttention(torch.autograd.Function):
             padding_bias = torch.zeros(batch, 1, 1, k_len, dtype=query.dtype, device=query.device)
             padding_bias.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
 
-        scaled_query = query * scale
         tile = _rows_per_tile(batch, heads, k_len, query_chunk_size)
         for start in range(0, q_len, tile):
             stop = min(start + tile, q_len)
             rows = stop - start
-            q_tile = scaled_query[:, :, start:stop].reshape(batch, kv_heads, group * rows, head_dim)
+            # Scaling per tile also makes the tile contiguous, so the grouped-head reshape below is a view.
+            q_tile = (query[:, :, start:stop] * scale).reshape(batch, kv_heads, group * rows, head_dim)
             scores = torch.matmul(q_tile, key_t).view(batch, heads, rows, k_len)
             if bias is not None:
                 scores += bias[..., start:stop, :] if bias.dim() >= 2 and bias.shape[-2] != 1 else bias
