@@ -2,15 +2,17 @@
 
 ``lightning <fit|validate|test|predict> --config recipes/qa.yaml`` and ``topk-lightning ...`` are the same program.
 Model and data are chosen by ``class_path`` / ``init_args`` (any ``LightningModule`` / ``LightningDataModule``
-subclass works, including your own), YAML files may use OmegaConf interpolation (``${...}``), and every ``--trainer.*``
-flag of Lightning works (``--trainer.strategy=ddp --trainer.devices=2``, ``--trainer.precision=bf16-mixed``, ...).
+subclass works, including your own). YAML files may use OmegaConf interpolation (``${...}``, resolved after the
+command-line overrides). Every ``--trainer.*`` flag of Lightning works (``--trainer.strategy=ddp --trainer.devices=2``,
+``--trainer.precision=bf16-mixed``, ...). Reusable fragments compose in Lightning's way: ``--trainer
+configs/trainer/gpu.yaml`` and ``--model configs/model/vanilla.yaml`` merge one group's keys into the recipe.
 
 Added on top of LightningCLI:
 
 - links: the model's ``tokenizer`` (saved by ``export``) is the data module's ``tokenizer``; the model's
-  ``max_positions`` follows the data's ``max_length`` (rounded up to the data's ``pad_to_multiple_of``, the longest
-  padded batch); a classification model's ``num_labels`` follows the data module's ``num_labels`` (read from the
-  label column);
+  ``max_positions`` follows the data's ``max_length`` (batches are never padded past it); the data module pads each
+  batch to a multiple of the model's ``query_chunk_size``; a classification model's ``num_labels`` follows the data
+  module's ``num_labels`` (read from the label column);
 - ``--export_dir DIR``: after the subcommand, save the model with ``save_pretrained`` (for ``fit``: the best checkpoint
   when a ``ModelCheckpoint`` kept one) -- see ``TopKTransformerModule.export``;
 - after ``fit``, the final validation metrics and the best checkpoint are printed.
@@ -18,23 +20,12 @@ Added on top of LightningCLI:
 
 from __future__ import annotations
 
-import math
-
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["TopKLightningCLI", "build_cli", "main", "positions_for"]
-
-
-def positions_for(max_length: int | None, pad_to_multiple_of: int | None) -> int | None:
-    """Positions a model needs for windows of ``max_length`` tokens padded to a multiple of ``pad_to_multiple_of``."""
-    if max_length is None:
-        return None
-    if pad_to_multiple_of and pad_to_multiple_of > 1:
-        return int(math.ceil(max_length / pad_to_multiple_of) * pad_to_multiple_of)
-    return max_length
+__all__ = ["TopKLightningCLI", "build_cli", "main"]
 
 
 class TopKLightningCLI(LightningCLI):
@@ -47,11 +38,10 @@ class TopKLightningCLI(LightningCLI):
             default=None,
             help="After the run, save the model with save_pretrained (+ tokenizer) into this directory.",
         )
-        parser.link_arguments(
-            ("data.init_args.max_length", "data.init_args.pad_to_multiple_of"),
-            "model.init_args.max_positions",
-            compute_fn=positions_for,
-        )
+        # Batches are at most max_length long (see PaddingCollator), so that is all the positions the model needs.
+        parser.link_arguments("data.init_args.max_length", "model.init_args.max_positions")
+        # Padded batches are whole query chunks: every top-k tile has the same shape.
+        parser.link_arguments("model.init_args.query_chunk_size", "data.init_args.pad_to_multiple_of")
         # The exported model carries the tokenizer the data was tokenised with.
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
         parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
@@ -101,7 +91,14 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> TopKLightni
         args: command-line arguments (``None`` = ``sys.argv[1:]``), e.g. ``["fit", "--config", "recipes/qa.yaml"]``.
         run: run the subcommand (``False`` only instantiates; then ``args`` has no subcommand).
     """
+    from jsonargparse import set_parsing_settings
+
     import topk_lightning  # noqa: F401  (registers the "topk" attention implementation)
+
+    # "omegaconf+" resolves ${...} once every file and command-line override is merged (so `--model.topk=32` reaches
+    # a `${model.init_args.topk}` elsewhere); absolute paths in the YAML are made relative, because under a
+    # subcommand the whole config sits below "fit."/"validate."/...
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
     return TopKLightningCLI(
         LightningModule,
@@ -110,7 +107,7 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> TopKLightni
         subclass_mode_data=True,
         args=args,
         run=run,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

@@ -23,7 +23,6 @@ def tiny_qa_args(tiny_bert, qa_files, tmp_path, *, attention="topk"):
         "--data.doc_stride=32",
         "--data.max_question_length=24",
         "--data.batch_size=4",
-        "--data.pad_to_multiple_of=32",
         f"--data.cache_dir={tmp_path / 'cache'}",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",

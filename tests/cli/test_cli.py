@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from topk_lightning.cli import build_cli, main, positions_for
+from topk_lightning.cli import build_cli, main
 
 from cli_helpers import REPO, tiny_qa_args
 
@@ -19,13 +19,6 @@ def test_console_scripts_point_to_the_same_main():
     names = ("lightning", "topk-lightning")
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name in names}
     assert scripts == {"lightning": "topk_lightning.cli:main", "topk-lightning": "topk_lightning.cli:main"}
-
-
-def test_positions_for_rounds_up_to_the_padding_multiple():
-    assert positions_for(2048, 64) == 2048
-    assert positions_for(2000, 64) == 2048
-    assert positions_for(100, None) == 100
-    assert positions_for(None, 64) is None
 
 
 def test_fit_validate_test_predict_and_export(tmp_path, tiny_bert, qa_files):
@@ -70,7 +63,7 @@ def test_fit_validate_test_predict_and_export(tmp_path, tiny_bert, qa_files):
 
 def test_vanilla_attention_from_a_config_preset(tmp_path, tiny_bert, qa_files):
     args = tiny_qa_args(tiny_bert, qa_files, tmp_path)
-    cli = build_cli(["fit", *args, "--config", str(REPO / "configs/model/vanilla.yaml"),
+    cli = build_cli(["fit", *args, "--model", str(REPO / "configs/model/vanilla.yaml"),
                      "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"])
     assert cli.model.hparams.attention == "sdpa"
     assert cli.model.backbone.config._attn_implementation == "sdpa"
@@ -96,8 +89,14 @@ def test_classification_links_num_labels(tmp_path, tiny_bert, classification_fil
         f"--trainer.default_root_dir={tmp_path}",
     ])
     assert cli.model.hparams.num_labels == 3  # animal, finance, weather
-    assert cli.model.hparams.max_positions == 256  # 200 rounded up to the padding multiple of 64
-    assert cli.model.backbone.embeddings.position_embeddings.num_embeddings == 256
+    assert cli.model.hparams.max_positions == 200  # = data.max_length: batches never grow past it
+    assert cli.model.backbone.embeddings.position_embeddings.num_embeddings == 200
+    # batches are padded to a multiple of the model's query chunk (16), capped at max_length
+    assert cli.datamodule.pad_to_multiple_of == 16
+    for batch in cli.datamodule.train_dataloader():
+        longest = int(batch["attention_mask"].sum(dim=1).max())
+        expected = min(-(-longest // 16) * 16, 200)
+        assert batch["input_ids"].shape[1] == expected
     assert {"val/acc", "val/f1", "val/loss"} <= set(cli.trainer.callback_metrics)
 
 
@@ -132,19 +131,32 @@ def test_every_recipe_parses(recipe, capsys):
 
 @pytest.mark.parametrize("fragment", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_every_config_fragment_layers_on_the_main_recipe(fragment, capsys):
+    """A fragment holds one group's keys and is given to that group (``--trainer FILE``), Lightning's composition."""
     import yaml
 
+    group = fragment.parent.name  # configs/<group>/<name>.yaml
+    recipe = yaml.safe_load((REPO / "recipes/qa.yaml").read_text())
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "recipes/qa.yaml"), "--config", str(fragment), "--print_config"])
+        main(["fit", "--config", str(REPO / "recipes/qa.yaml"), f"--{group}", str(fragment), "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    for group, values in yaml.safe_load(fragment.read_text()).items():
-        target = printed[group]["init_args"] if group in ("model", "data") else printed[group]
-        for key, value in (values.get("init_args", values)).items():
+    values = yaml.safe_load(fragment.read_text())
+    target, untouched = printed[group], recipe[group]
+    if group in ("model", "data"):
+        assert target["class_path"] == recipe[group]["class_path"]  # the recipe's class is kept
+        target, untouched, values = target["init_args"], untouched["init_args"], values["init_args"]
+    for key, value in values.items():
+        assert target[key] == value, (group, key)
+    for key, value in untouched.items():  # merged over the recipe, not replacing it
+        if key in values or key == "max_positions":
+            continue
+        if isinstance(value, list):  # callbacks and loggers print with their defaults filled in
+            assert [item["class_path"] for item in target[key]] == [item["class_path"] for item in value]
+        else:
             assert target[key] == value, (group, key)
 
 
-def test_omegaconf_interpolation(tmp_path, capsys):
+def test_omegaconf_interpolation_resolves_after_command_line_overrides(tmp_path, capsys):
     config = tmp_path / "interp.yaml"
     config.write_text(
         "model:\n  class_path: topk_lightning.modules.ExtractiveQAModule\n  init_args:\n    topk: 48\n"
@@ -159,6 +171,11 @@ def test_omegaconf_interpolation(tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["query_chunk_size"] == 48
     assert printed["data"]["init_args"]["eval_batch_size"] == 3
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--model.topk=20", "--data.batch_size=5", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["query_chunk_size"] == 20
+    assert printed["data"]["init_args"]["eval_batch_size"] == 5
 
 
 def test_precision_and_accumulation_flags(tmp_path, tiny_bert, qa_files):

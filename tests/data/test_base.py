@@ -26,6 +26,15 @@ def test_collator_pads_to_multiple():
     assert PaddingCollator(0, None)(features)["input_ids"].shape == (2, 70)
 
 
+def test_collator_rounds_to_the_query_chunk_but_never_past_max_length():
+    collate = PaddingCollator(pad_token_id=0, pad_to_multiple_of=512, max_length=2000)
+    assert [collate.padded_length(n) for n in (1, 512, 513, 1300, 1537, 2000)] == [512, 512, 1024, 1536, 2000, 2000]
+    batch = collate([{"input_ids": [1] * 1300, "attention_mask": [1] * 1300}])
+    assert batch["input_ids"].shape == (1, 1536) and batch["attention_mask"][0, 1300:].eq(0).all()
+    # a feature longer than max_length (not made by this project's featurizers) is never cut
+    assert collate.padded_length(2100) == 2100
+
+
 def test_length_grouped_sampler():
     lengths = [int(x) for x in torch.randint(1, 1000, (400,), generator=torch.Generator().manual_seed(0))]
     sampler = LengthGroupedSampler(lengths, batch_size=8, seed=1, mega_batch_factor=10)

@@ -69,19 +69,30 @@ class PaddingCollator:
 
     Sequence keys (``input_ids``, ``attention_mask``, ``token_type_ids``, ``offset_mapping``) are right-padded
     (``input_ids`` with ``pad_token_id``, masks and type ids with 0, offsets with ``(-1, -1)``); label keys become a
-    LongTensor (B,); anything else (``example_id``, ``context``, ``answers``) stays a Python list. The padded length
-    can exceed the features' ``max_length`` by less than ``pad_to_multiple_of``. Picklable, for worker processes.
+    LongTensor (B,); anything else (``example_id``, ``context``, ``answers``) stays a Python list. Picklable, for
+    worker processes.
+
+    The padded length is the longest sequence rounded up to ``pad_to_multiple_of`` (the CLI sets it to the model's
+    query chunk, so top-k attention scores whole chunks), but never more than ``max_length``: the model's position
+    table is sized for ``max_length``, and padding past it would only add work.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, max_length: int | None = None) -> None:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length
+
+    def padded_length(self, longest: int) -> int:
+        """The batch length for a longest sequence of ``longest`` tokens."""
+        length = round_up(longest, self.pad_to_multiple_of)
+        if self.max_length is not None:
+            length = min(length, max(self.max_length, longest))
+        return length
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not features:
             raise ValueError("cannot collate an empty batch")
-        longest = max(len(f["input_ids"]) for f in features)
-        length = round_up(longest, self.pad_to_multiple_of)
+        length = self.padded_length(max(len(f["input_ids"]) for f in features))
         batch: dict[str, Any] = {}
         for key in features[0]:
             if key in _DROPPED_KEYS:
@@ -243,14 +254,18 @@ class BaseDataModule(LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: validation/test/predict batch size; ``None`` = ``batch_size``.
         num_workers: DataLoader worker processes (0 = load in the main process).
-        pad_to_multiple_of: pad each batch to its longest sequence rounded up to this multiple (e.g. the model's
-            query chunk, 64); ``None`` = no rounding.
+        pad_to_multiple_of: pad each batch to its longest sequence rounded up to this multiple, capped at the
+            datamodule's ``max_length``; ``None`` = no rounding. The CLI links it to the model's
+            ``query_chunk_size``, so top-k attention scores whole query chunks.
         group_by_length: training batches of similar length (``LengthGroupedSampler``), shuffled, seeded by
             ``seed``. Evaluation order is always the file order.
         seed: seed of the length-grouped sampler (plain shuffling follows Lightning's/torch's seed).
         cache_dir: where generated datasets and tokenised features are cached; ``None`` =
             ``$TOPK_LIGHTNING_CACHE`` or ``~/.cache/topk_lightning``.
     """
+
+    #: Longest feature the subclass makes (its ``max_length`` argument); batches are never padded past it.
+    max_length: int | None = None
 
     def __init__(
         self,
@@ -291,7 +306,7 @@ class BaseDataModule(LightningDataModule):
 
     def collate_fn(self) -> PaddingCollator:
         pad_id = self.tokenizer.pad_token_id
-        return PaddingCollator(0 if pad_id is None else pad_id, self.pad_to_multiple_of)
+        return PaddingCollator(0 if pad_id is None else pad_id, self.pad_to_multiple_of, self.max_length)
 
     # -- Lightning ---------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
