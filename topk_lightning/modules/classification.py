@@ -1,4 +1,5 @@
-"""Long-document sequence classification: a pooled head on the encoder, accuracy and macro-F1 from torchmetrics."""
+"""Long-document sequence classification: the model family's own head (or a pooled linear one), accuracy and macro-F1
+from torchmetrics."""
 
 from __future__ import annotations
 
@@ -24,8 +25,15 @@ class SequenceClassificationModule(TopKTransformerModule):
 
     Args:
         num_labels: number of classes (>= 2); the CLI links it from the data module's ``num_labels``.
-        pooling: ``"cls"`` (the first token's state) or ``"mean"`` (mean over non-padding tokens).
-        classifier_dropout: dropout before the linear classifier.
+        class_names: class names, index = class id (the CLI links the data module's ``label_names``); saved in the
+            exported config as ``id2label``. ``None`` = ``LABEL_0``, ``LABEL_1``, ...
+        pooling: ``"model"`` (default): the family's own head from ``AutoModelForSequenceClassification`` (BERT: the
+            pretrained pooler on ``[CLS]`` + a linear layer; RoBERTa/ELECTRA: their two-layer head on ``<s>``; ...).
+            :meth:`export` then saves an ``AutoModelForSequenceClassification``. ``"cls"`` (the first token's state)
+            or ``"mean"`` (mean over non-padding tokens, how sentence-embedding models such as MiniLM were trained):
+            dropout + a linear layer of this module; the export then holds the encoder plus
+            ``classification_head.safetensors``.
+        classifier_dropout: dropout before the classifier (``"model"``: set on the config as the family names it).
 
     Logged metrics: ``train/loss``; ``val/loss``, ``val/acc``, ``val/f1`` (macro); the same under ``test/``.
     ``predict`` returns the predicted class indices per batch.
@@ -50,13 +58,16 @@ class SequenceClassificationModule(TopKTransformerModule):
         warmup_steps: int | None = None,
         adam_epsilon: float = 1e-8,
         num_labels: int = 2,
-        pooling: Literal["cls", "mean"] = "cls",
+        class_names: list[str] | None = None,
+        pooling: Literal["model", "cls", "mean"] = "model",
         classifier_dropout: float = 0.1,
     ) -> None:
         if num_labels < 2:
             raise ValueError(f"num_labels must be >= 2, got {num_labels}")
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        if class_names is not None and len(class_names) != num_labels:
+            raise ValueError(f"class_names has {len(class_names)} names for num_labels={num_labels}: {class_names}")
+        if pooling not in ("model", "cls", "mean"):
+            raise ValueError(f"pooling must be 'model', 'cls' or 'mean', got {pooling!r}")
         super().__init__(
             backbone=backbone,
             attention=attention,
@@ -85,19 +96,56 @@ class SequenceClassificationModule(TopKTransformerModule):
             }
         )
 
+    # ------------------------------------------------------------------ model and head
+    def load_pretrained(self, path: str, attn_implementation: str) -> nn.Module:
+        """``pooling="model"``: an ``AutoModelForSequenceClassification`` (encoder + the family's head); else the
+        bare encoder."""
+        hp = self.hparams
+        if hp.pooling != "model":
+            return super().load_pretrained(path, attn_implementation)
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        names = hp.class_names or [f"LABEL_{i}" for i in range(hp.num_labels)]
+        config = AutoConfig.from_pretrained(
+            path,
+            num_labels=hp.num_labels,
+            id2label=dict(enumerate(names)),
+            label2id={name: i for i, name in enumerate(names)},
+            problem_type="single_label_classification",
+        )
+        # Each family names its head dropout differently.
+        for name in ("classifier_dropout", "classifier_dropout_prob", "seq_classif_dropout"):
+            if hasattr(config, name):
+                setattr(config, name, hp.classifier_dropout)
+        # A backbone exported by another classification run may have another number of classes: its classifier is
+        # then re-initialised (transformers logs which weights), the encoder is kept.
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, attn_implementation=attn_implementation, ignore_mismatched_sizes=True
+        )
+
+    def unused_backbone_modules(self) -> list[str]:
+        # The family's head (pooling="model") reads BERT's pooler; the pooled heads read only hidden states.
+        return [] if self.hparams.pooling == "model" else super().unused_backbone_modules()
+
     def build_head(self, hidden_size: int) -> nn.Module:
         hp = self.hparams
+        if hp.pooling == "model":
+            return nn.Identity()  # the head is inside the backbone's task model
         return nn.Sequential(nn.Dropout(hp.classifier_dropout), nn.Linear(hidden_size, hp.num_labels))
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T, H) -> (B, H): the first token, or the mean over non-padding tokens."""
-        if self.hparams.pooling == "cls" or attention_mask is None:
-            return hidden[:, 0] if self.hparams.pooling == "cls" else hidden.mean(dim=1)
+        if self.hparams.pooling == "cls":
+            return hidden[:, 0]
+        if attention_mask is None:
+            return hidden.mean(dim=1)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Class logits (B, num_labels)."""
+        if self.hparams.pooling == "model":
+            return self.backbone(**self.model_inputs(batch)).logits
         return self.head(self.pool(self.encode(batch), batch.get("attention_mask")))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -127,8 +175,12 @@ class SequenceClassificationModule(TopKTransformerModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         return self(batch).argmax(dim=-1)
 
+    # ------------------------------------------------------------------ export
     def export_extra(self, path: Path) -> None:
-        """Save the classifier beside the encoder as ``classification_head.safetensors``."""
+        """Pooled heads (``pooling="cls"``/``"mean"``): save the classifier beside the encoder as
+        ``classification_head.safetensors`` (plain transformers has no class for them)."""
+        if self.hparams.pooling == "model":
+            return
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
