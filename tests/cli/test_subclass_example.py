@@ -1,4 +1,4 @@
-"""The subclassing example of docs/USAGE.md, run as written: top-k and dense attention through the CLI."""
+"""The subclassing example of README.md, run as written: top-k and dense attention through the CLI."""
 
 import re
 import sys
@@ -11,9 +11,9 @@ from topk_lightning.cli import build_cli, main
 
 
 def example_source() -> str:
-    text = (REPO / "docs/USAGE.md").read_text()
+    text = (REPO / "README.md").read_text()
     match = re.search(r"<!-- example: answer_presence\.py.*?-->\s*```python\n(.*?)```", text, re.S)
-    assert match, "the example block is missing from docs/USAGE.md"
+    assert match, "the example block is missing from README.md"
     return match.group(1)
 
 
