@@ -155,3 +155,16 @@ def test_predict_writes_json(tmp_path, tiny_bert, batches):
     assert list(target.parent.iterdir()) == [target]  # no temporary file left behind
     write_predictions({"a": "b"}, target)
     assert json.loads(target.read_text()) == {"a": "b"}
+
+
+def test_training_with_topk_learns_the_answers(tmp_path, tiny_bert, batches):
+    """End to end: top-k attention (k=4 of ~20 keys: approximate), chunked FF and AdamW fit three questions, the
+    decoded spans then match the gold answers (the no-answer question included)."""
+    pl.seed_everything(0)
+    module = ExtractiveQAModule(backbone=tiny_bert, attention="topk", topk=4, query_chunk_size=8, ff_chunk_size=5,
+                                learning_rate=1e-3, warmup_ratio=0.0, version_2_with_negative=True)
+    fit = trainer(tmp_path, max_steps=60, limit_val_batches=0)
+    fit.fit(module, train_dataloaders=loader(batches))
+    metrics = trainer(tmp_path).validate(module, dataloaders=loader(batches), verbose=False)[0]
+    assert module.predictions == {"q1": "the mat", "q2": "Paris", "q3": ""}
+    assert metrics["val/em"] == 100.0
