@@ -1,11 +1,11 @@
-"""The built-in needle set: deterministic, answers correct, distractors present, cached atomically."""
+"""The built-in needle set: deterministic, answers correct, distractors present, controls valid, cached atomically."""
 
 import json
 import re
 
 import pytest
 
-from topk_lightning.data.needle import generate_needle_squad, needle_file
+from topk_lightning.data.needle import MAX_FACTS, generate_needle_squad, needle_file, swap_questions
 from topk_lightning.data.squad import flatten_squad, validate_examples
 
 
@@ -20,25 +20,74 @@ def test_deterministic_per_seed_and_split():
     assert one != generate_needle_squad(num_examples=5, document_words=300, seed=3, split="validation")
 
 
+def _entity(question):
+    return re.search(r"the (\w+ \w+)(?: painted| built)?\?$", question).group(1)
+
+
+def _fact_sentences(context, qa):
+    """(entity, value) of every sentence in ``context`` of the same form as the answer's fact, read with a regex
+    built from the answer sentence itself (independent of the generator's templates)."""
+    (answer,) = qa["answers"]
+    entity = _entity(qa["question"])
+    sentence_start = context.rfind(".", 0, answer["answer_start"]) + 1
+    sentence = context[sentence_start : answer["answer_start"] + len(answer["text"]) + 1].strip()
+    assert entity in sentence and sentence.endswith(answer["text"] + "."), (qa["question"], sentence)
+    template = re.escape(sentence.replace(entity, "\0").replace(answer["text"], "\1"))
+    template = template.replace("\0", r"(\w+ \w+)").replace("\1", r"([\w ]+?)")
+    return re.findall(template, context)
+
+
 def test_answers_and_distractors():
     data = generate_needle_squad(num_examples=20, document_words=1200, num_distractors=6, seed=0)
     examples, skipped = validate_examples(flatten_squad(data, source="needle"), source="needle")
     assert skipped == 0 and len(examples) == 20  # every answer_start points at its text
     for context, qa in qas(data):
         (answer,) = qa["answers"]
-        # the question's entity is the subject of the sentence holding the answer
-        entity = re.search(r"the (\w+ \w+)(?: painted| built)?\?$", qa["question"]).group(1)
-        sentence_start = context.rfind(".", 0, answer["answer_start"]) + 1
-        sentence = context[sentence_start : answer["answer_start"] + len(answer["text"]) + 1].strip()
-        assert entity in sentence and sentence.endswith(answer["text"] + "."), (qa["question"], sentence)
+        assert context[answer["answer_start"]:].startswith(answer["text"])
         assert context.count(answer["text"]) == 1
-        # six distractor facts of the same form about other entities
-        template = re.escape(sentence.replace(entity, "\0").replace(answer["text"], "\1"))
-        template = template.replace("\0", r"(\w+ \w+)").replace("\1", r"([\w ]+?)")
-        facts = re.findall(template, context)
-        assert len(facts) == 7 and len({e for e, _ in facts}) == 7 and len({v for _, v in facts}) == 7
+        facts = _fact_sentences(context, qa)
+        # six distractor facts of the same form about other entities, and the answer's own
+        assert len(facts) == 7 and (_entity(qa["question"]), answer["text"]) in facts
+        # no word shared between two entities, nor between two values: one question word picks one fact
+        entity_words = [w for e, _ in facts for w in e.split()]
+        value_words = [w for _, v in facts for w in v.split()]
+        assert len(set(entity_words)) == len(entity_words) == 14
+        assert len(set(value_words)) == len(value_words)
+        # the record that benchmarks read agrees with the text
+        assert qa["needle"]["entity"] == _entity(qa["question"])
+        assert sorted(qa["needle"]["facts"].items()) == sorted(facts)
     words = [len(context.split()) for context, _ in qas(data)]
-    assert all(1200 <= n < 1300 for n in words)
+    assert all(1200 + 7 * 6 <= n < 1300 + 7 * 10 for n in words)  # filler words plus the facts
+
+
+def test_hand_checked_span():
+    """One short document, read by eye (seed 11, 2 distractors): its last sentence answers the question."""
+    data = generate_needle_squad(num_examples=1, document_words=30, num_distractors=2, seed=11)
+    ((context, qa),) = qas(data)
+    assert qa["question"] == "In what year was the northern greenhouse built?"
+    assert context.endswith("The northern greenhouse was built in 1963.")
+    assert qa["answers"] == [{"text": "1963", "answer_start": len(context) - len("1963.")}]
+    # the two distractors, same form, other entities and years
+    assert "The harbour granary was built in 1936." in context and "The main stable was built in 1467." in context
+    assert qa["needle"] == {"kind": "year", "entity": "northern greenhouse",
+                            "facts": {"harbour granary": "1936", "main stable": "1467", "northern greenhouse": "1963"}}
+
+
+def test_swap_questions_control():
+    data = generate_needle_squad(num_examples=24, document_words=100, num_distractors=6, seed=2)
+    control = swap_questions(data)
+    assert control != data and data == generate_needle_squad(num_examples=24, document_words=100,
+                                                             num_distractors=6, seed=2)  # input untouched
+    for (context, qa), (swapped_context, swapped) in zip(qas(data), qas(control)):
+        assert swapped_context == context and swapped["answers"] == qa["answers"] and swapped["id"] == qa["id"]
+        asked = _entity(swapped["question"])
+        assert asked == swapped["needle"]["asked"] != qa["needle"]["entity"]
+        # same question form, about an entity with no fact in this document
+        assert swapped["question"].replace(asked, "X") == qa["question"].replace(qa["needle"]["entity"], "X")
+        assert asked not in qa["needle"]["facts"]
+        assert swapped["question"] in {q["question"] for _, q in qas(data)}  # another document's question
+    with pytest.raises(ValueError, match="needle"):
+        swap_questions({"data": [{"paragraphs": [{"context": "x", "qas": [{"id": "a", "question": "q"}]}]}]})
 
 
 def test_unanswerable_fraction():
@@ -68,3 +117,6 @@ def test_needle_file_written_once_atomically(tmp_path):
 def test_bad_parameters():
     with pytest.raises(ValueError, match="unanswerable_fraction"):
         generate_needle_squad(num_examples=1, unanswerable_fraction=1.5)
+    with pytest.raises(ValueError, match="num_distractors"):
+        generate_needle_squad(num_examples=1, num_distractors=MAX_FACTS)
+    generate_needle_squad(num_examples=2, document_words=10, num_distractors=MAX_FACTS - 1)

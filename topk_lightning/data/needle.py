@@ -1,16 +1,23 @@
 """``needle``: a built-in, generated long-document QA set (SQuAD v2 JSON; seeded, offline).
 
-Each document is a few thousand words of plausible filler sentences with one *fact* that answers the question and
-``num_distractors`` facts of the same form about other entities scattered around it::
+Each document is filler text with one *fact* that answers the question and ``num_distractors`` facts of the same
+form about other entities scattered around it::
 
     ... The survey team catalogued the river maps before the autumn fair. The access code for the north vault
-    is 4417. Several clerks discussed the old ledgers near the harbour. ... The access code for the west vault is
+    is 4417. Several clerks discussed the old ledgers near the harbour. ... The access code for the west tower is
     9034. ...                                                   question: "What is the access code for the north vault?"
 
-Entities are also mentioned in filler sentences that state no fact, so finding the answer means matching the
-question's entity to the right fact sentence anywhere in the document: a long-range attention task. With
-``unanswerable_fraction > 0`` that share of questions asks about an entity with no fact in the document
-(SQuAD v2 style: no answer; the distractors are still there).
+Within a document no two entities share a word ("north vault", "west tower", never "north tower") and no two
+values share a word (for names: neither the first nor the last name), so the question's entity matches exactly one
+fact, and picking a fact at random scores F1 = 100 / (num_distractors + 1) exactly. Entities are also mentioned in
+filler sentences that state no fact, so finding the answer means matching the question's entity to the right fact
+sentence anywhere in the document: a long-range attention task. With ``unanswerable_fraction > 0`` that share of
+questions asks about an entity with no fact in the document (SQuAD v2 style: no answer; the distractors are still
+there).
+
+Every question also carries a ``needle`` record (``kind``, ``entity``, ``facts``: entity -> value) that SQuAD
+readers ignore; :func:`swap_questions` uses it to build the control set in which each document is asked another
+document's question, and benchmarks use it to compute the guessing level.
 
 Documents are deterministic per (split, seed, parameters): ``random.Random(f"needle:{split}:{seed}")``, so train,
 validation and test come from different streams. Filler sentences contain no digits and no person names, so an
@@ -37,17 +44,20 @@ _LAST_NAMES = ["Abbott", "Barlow", "Castell", "Dunmore", "Everly", "Fairbanks", 
 _COLOURS = ["crimson", "amber", "teal", "violet", "ochre", "ivory", "indigo", "scarlet", "olive", "silver",
             "cobalt", "maroon", "turquoise", "saffron", "charcoal", "lavender"]
 
-# kind -> (fact template, question template, value generator)
+# kind -> (fact template, question template, generator of n values of which no two share a word)
 _FACTS = {
     "code": ("The access code for the {entity} is {value}.", "What is the access code for the {entity}?",
-             lambda rng: str(rng.randint(1000, 9999))),
+             lambda rng, n: [str(v) for v in rng.sample(range(1000, 10000), n)]),
     "keeper": ("The keeper of the {entity} is {value}.", "Who is the keeper of the {entity}?",
-               lambda rng: f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"),
+               lambda rng, n: [f"{first} {last}" for first, last in
+                               zip(rng.sample(_FIRST_NAMES, n), rng.sample(_LAST_NAMES, n))]),
     "year": ("The {entity} was built in {value}.", "In what year was the {entity} built?",
-             lambda rng: str(rng.randint(1400, 1999))),
+             lambda rng, n: [str(v) for v in rng.sample(range(1400, 2000), n)]),
     "colour": ("The door of the {entity} is painted {value}.", "What colour is the door of the {entity} painted?",
-               lambda rng: rng.choice(_COLOURS)),
+               lambda rng, n: rng.sample(_COLOURS, n)),
 }
+#: Most facts one document can hold with no word shared between its entities or between its values.
+MAX_FACTS = min(len(_DIRECTIONS), len(_STRUCTURES), len(_FIRST_NAMES), len(_LAST_NAMES), len(_COLOURS))
 
 _SUBJECTS = ["The survey team", "Several clerks", "The council", "A group of students", "The night watch",
              "The merchants", "Most visitors", "The gardeners", "The old librarian", "A travelling painter",
@@ -72,17 +82,14 @@ def _filler(rng: random.Random) -> str:
 
 def _document(rng: random.Random, *, document_words: int, num_distractors: int, answerable: bool) -> dict:
     kind = rng.choice(sorted(_FACTS))
-    fact_template, question_template, make_value = _FACTS[kind]
-    entities = [f"{d} {s}" for d in _DIRECTIONS for s in _STRUCTURES]
-    chosen = rng.sample(entities, num_distractors + 1)
+    fact_template, question_template, make_values = _FACTS[kind]
+    # Entities of one document share no word, so one word of the question's entity already picks its fact.
+    directions = rng.sample(_DIRECTIONS, num_distractors + 1)
+    structures = rng.sample(_STRUCTURES, num_distractors + 1)
+    chosen = [f"{d} {s}" for d, s in zip(directions, structures)]
     target = chosen[0]
     stated = chosen[1:] + ([target] if answerable else [])
-    values: dict[str, str] = {}
-    for entity in stated:
-        value = make_value(rng)
-        while value in values.values():
-            value = make_value(rng)
-        values[entity] = value
+    values = dict(zip(stated, make_values(rng, len(stated))))
 
     sentences: list[str] = []
     words = 0
@@ -114,7 +121,8 @@ def _document(rng: random.Random, *, document_words: int, num_distractors: int, 
         context += sentence
         remaining -= 1
     question = question_template.format(entity=target)
-    return {"context": context, "question": question, "answers": answers, "kind": kind}
+    return {"context": context, "question": question, "answers": answers, "kind": kind, "entity": target,
+            "facts": values}
 
 
 def generate_needle_squad(
@@ -131,24 +139,63 @@ def generate_needle_squad(
     Args:
         num_examples: documents (= questions) to generate.
         document_words: approximate words per document (BERT word-pieces are about 1.25 per word here).
-        num_distractors: facts of the same form about other entities in each document (0-300).
+        num_distractors: facts of the same form about other entities in each document, 0 to ``MAX_FACTS - 1``.
         unanswerable_fraction: share of questions whose entity has no fact in the document, in [0, 1].
         seed / split: the stream; the same pair always gives the same documents.
     """
     if not 0.0 <= unanswerable_fraction <= 1.0:
         raise ValueError(f"unanswerable_fraction must be in [0, 1], got {unanswerable_fraction}")
-    if not 0 <= num_distractors < len(_DIRECTIONS) * len(_STRUCTURES):
-        raise ValueError(f"num_distractors must be in [0, {len(_DIRECTIONS) * len(_STRUCTURES) - 1}]")
+    if not 0 <= num_distractors < MAX_FACTS:
+        raise ValueError(f"num_distractors must be in [0, {MAX_FACTS - 1}] (entities of a document share no word), "
+                         f"got {num_distractors}")
     rng = random.Random(f"needle:{split}:{seed}")
     articles = []
     for i in range(num_examples):
         answerable = rng.random() >= unanswerable_fraction
         doc = _document(rng, document_words=document_words, num_distractors=num_distractors, answerable=answerable)
         qa = {"id": f"needle-{split}-{seed}-{i:06d}", "question": doc["question"], "answers": doc["answers"],
-              "is_impossible": not doc["answers"]}
+              "is_impossible": not doc["answers"],
+              "needle": {"kind": doc["kind"], "entity": doc["entity"], "facts": doc["facts"]}}
         articles.append({"title": f"needle-{split}-{seed}-{i:06d}",
                          "paragraphs": [{"context": doc["context"], "qas": [qa]}]})
     return {"version": "v2.0", "data": articles}
+
+
+def swap_questions(data: dict) -> dict:
+    """The control set: each document keeps its context and answer but is asked another document's question.
+
+    The new question is one of the same kind (so its form still matches the document's facts) about an entity that
+    shares no word with any entity of this document, taken from the next such document in the set (cyclically);
+    when there is none, the next one of the same kind whose entity merely has no fact here. The question then says
+    nothing about which fact is the answer: a model that reads the question scores about the guessing level
+    (100 / number of facts), one that found a shortcut in the document alone keeps its score.
+
+    Args:
+        data: SQuAD JSON from :func:`generate_needle_squad` (its questions carry the ``needle`` record).
+
+    Raises:
+        ValueError: a question without its ``needle`` record, or a document with no usable question to swap in.
+    """
+    records = [(article, qa) for article in data["data"] for paragraph in article["paragraphs"]
+               for qa in paragraph["qas"]]
+    for _, qa in records:
+        if "needle" not in qa:
+            raise ValueError(f"swap_questions: question {qa.get('id')!r} has no 'needle' record; "
+                             "expected data from generate_needle_squad")
+    swapped = json.loads(json.dumps(data))  # a deep copy; the input stays as it was
+    questions = [qa for article in swapped["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+    for i, qa in enumerate(questions):
+        own = qa["needle"]
+        own_words = {word for entity in [own["entity"], *own["facts"]] for word in entity.split()}
+        others = [records[(i + j) % len(records)][1] for j in range(1, len(records))]
+        others = [o for o in others if o["needle"]["kind"] == own["kind"] and o["needle"]["entity"] not in own["facts"]]
+        disjoint = [o for o in others if not own_words & set(o["needle"]["entity"].split())]
+        if not others:
+            raise ValueError(f"swap_questions: no other question of kind {own['kind']!r} to ask of {qa['id']!r}")
+        chosen = (disjoint or others)[0]
+        qa["question"] = chosen["question"]
+        qa["needle"] = {**own, "asked": chosen["needle"]["entity"]}
+    return swapped
 
 
 def needle_file(
@@ -167,7 +214,7 @@ def needle_file(
     never leaves a half-written file under the final name.
     """
     params = dict(split=split, num_examples=num_examples, document_words=document_words,
-                  num_distractors=num_distractors, unanswerable_fraction=unanswerable_fraction, seed=seed, version=1)
+                  num_distractors=num_distractors, unanswerable_fraction=unanswerable_fraction, seed=seed, version=2)
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir).expanduser() / "needle" / f"needle-{split}-{key}.json"
     if path.is_file():
