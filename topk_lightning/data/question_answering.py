@@ -53,7 +53,10 @@ class QADataModule(BaseDataModule):
         limit_train_examples / limit_eval_examples: keep only the first N examples (questions) of the training /
             each evaluation split, for quick runs; ``None`` = all.
         needle_train_examples / needle_eval_examples: documents in the needle train / validation and test splits.
-        needle_document_words: approximate words per needle document (about 1.25 word-pieces per word).
+        needle_document_words: approximate filler words per needle training document (about 1.2 word-pieces per
+            word; the facts come on top).
+        needle_eval_document_words: the same for the validation and test documents; ``None`` = as training. Short
+            training documents teach the task in fewer CPU seconds; long evaluation documents test it at length.
         needle_distractors: facts of the same form as the answer about other entities, per document.
         needle_unanswerable_fraction: share of needle questions with no answer in the document (0 = none).
         needle_seed: seed of the needle generator (train, validation and test use different streams of it).
@@ -84,6 +87,7 @@ class QADataModule(BaseDataModule):
         needle_train_examples: int = 2000,
         needle_eval_examples: int = 200,
         needle_document_words: int = 2000,
+        needle_eval_document_words: int | None = None,
         needle_distractors: int = 8,
         needle_unanswerable_fraction: float = 0.0,
         needle_seed: int = 0,
@@ -121,8 +125,10 @@ class QADataModule(BaseDataModule):
         self.skip_invalid = skip_invalid
         self.limits = {"train": limit_train_examples, "validation": limit_eval_examples,
                        "test": limit_eval_examples, "predict": limit_eval_examples}
-        self.needle = dict(document_words=needle_document_words, num_distractors=needle_distractors,
-                           unanswerable_fraction=needle_unanswerable_fraction, seed=needle_seed)
+        self.needle = dict(num_distractors=needle_distractors, unanswerable_fraction=needle_unanswerable_fraction,
+                           seed=needle_seed)
+        eval_words = needle_document_words if needle_eval_document_words is None else needle_eval_document_words
+        self.needle_words = {"train": needle_document_words, "validation": eval_words, "test": eval_words}
         self.skipped: dict[str, int] = {}  # split -> invalid examples dropped (with skip_invalid)
         self.needle_counts = {"train": needle_train_examples, "validation": needle_eval_examples,
                               "test": needle_eval_examples}
@@ -134,7 +140,7 @@ class QADataModule(BaseDataModule):
         if self.dataset == "needle":
             needle_split = _NEEDLE_SPLITS[split]
             return needle_file(self.cache_dir, split=needle_split, num_examples=self.needle_counts[needle_split],
-                               **self.needle)
+                               document_words=self.needle_words[needle_split], **self.needle)
         return None
 
     def prepare_data(self) -> None:
