@@ -53,24 +53,34 @@ def test_answers_and_distractors():
         value_words = [w for _, v in facts for w in v.split()]
         assert len(set(entity_words)) == len(entity_words) == 14
         assert len(set(value_words)) == len(value_words)
+        # every entity (the asked one too) is named in one filler sentence besides its fact and the question
+        for entity, _ in facts:
+            assert context.count(f" {entity} ") + context.count(f" {entity}.") == 2, entity
         # the record that benchmarks read agrees with the text
         assert qa["needle"]["entity"] == _entity(qa["question"])
         assert sorted(qa["needle"]["facts"].items()) == sorted(facts)
     words = [len(context.split()) for context, _ in qas(data)]
-    assert all(1200 + 7 * 6 <= n < 1300 + 7 * 10 for n in words)  # filler words plus the facts
+    assert all(1200 + 7 * 6 + 7 * 7 <= n < 1300 + 7 * 10 + 7 * 11 for n in words)  # filler, mentions and facts
 
 
 def test_hand_checked_span():
-    """One short document, read by eye (seed 11, 2 distractors): its last sentence answers the question."""
-    data = generate_needle_squad(num_examples=1, document_words=30, num_distractors=2, seed=11)
+    """One short document, read by eye (seed 11, 2 distractors, one mention per entity)::
+
+        The coastal granary was built in 1936. A painting of the northern greenhouse hangs in the town hall. The
+        main stable was built in 1467. Two carpenters discussed the iron railings while the bells rang. A
+        travelling painter moved the iron railings by lamplight. The northern greenhouse was built in 1963. ...
+    """
+    data = generate_needle_squad(num_examples=1, document_words=20, num_distractors=2, seed=11)
     ((context, qa),) = qas(data)
     assert qa["question"] == "In what year was the northern greenhouse built?"
-    assert context.endswith("The northern greenhouse was built in 1963.")
-    assert qa["answers"] == [{"text": "1963", "answer_start": len(context) - len("1963.")}]
-    # the two distractors, same form, other entities and years
-    assert "The harbour granary was built in 1936." in context and "The main stable was built in 1467." in context
+    fact = "The northern greenhouse was built in 1963."
+    assert context.index(fact) + len("The northern greenhouse was built in ") == 297
+    assert qa["answers"] == [{"text": "1963", "answer_start": 297}]
+    # the entity's mention states no fact; the two distractor facts have the same form
+    assert "A painting of the northern greenhouse hangs in the town hall." in context
+    assert "The coastal granary was built in 1936." in context and "The main stable was built in 1467." in context
     assert qa["needle"] == {"kind": "year", "entity": "northern greenhouse",
-                            "facts": {"harbour granary": "1936", "main stable": "1467", "northern greenhouse": "1963"}}
+                            "facts": {"coastal granary": "1936", "main stable": "1467", "northern greenhouse": "1963"}}
 
 
 def test_swap_questions_control():
@@ -119,4 +129,6 @@ def test_bad_parameters():
         generate_needle_squad(num_examples=1, unanswerable_fraction=1.5)
     with pytest.raises(ValueError, match="num_distractors"):
         generate_needle_squad(num_examples=1, num_distractors=MAX_FACTS)
+    with pytest.raises(ValueError, match="mentions"):
+        generate_needle_squad(num_examples=1, mentions=-1)
     generate_needle_squad(num_examples=2, document_words=10, num_distractors=MAX_FACTS - 1)

@@ -9,9 +9,9 @@ form about other entities scattered around it::
 
 Within a document no two entities share a word ("north vault", "west tower", never "north tower") and no two
 values share a word (for names: neither the first nor the last name), so the question's entity matches exactly one
-fact, and picking a fact at random scores F1 = 100 / (num_distractors + 1) exactly. Entities are also mentioned in
-filler sentences that state no fact, so finding the answer means matching the question's entity to the right fact
-sentence anywhere in the document: a long-range attention task. With ``unanswerable_fraction > 0`` that share of
+fact, and picking a fact at random scores F1 = 100 / (num_distractors + 1) exactly. Every entity is also named
+in ``mentions`` filler sentences that state no fact (at any document length), so finding the answer means matching
+the question's entity to the right fact sentence anywhere in the document: a long-range attention task. With ``unanswerable_fraction > 0`` that share of
 questions asks about an entity with no fact in the document (SQuAD v2 style: no answer; the distractors are still
 there).
 
@@ -33,8 +33,8 @@ import random
 import uuid
 from pathlib import Path
 
-_DIRECTIONS = ["north", "south", "east", "west", "upper", "lower", "inner", "outer", "old", "new", "central",
-               "eastern", "western", "northern", "southern", "hidden", "royal", "main", "rear", "harbour"]
+_DIRECTIONS = ["north", "south", "east", "west", "upper", "lower", "inner", "outer", "little", "new", "central",
+               "eastern", "western", "northern", "southern", "hidden", "royal", "main", "rear", "coastal"]
 _STRUCTURES = ["vault", "archive", "gate", "tower", "cellar", "warehouse", "library", "depot", "laboratory",
                "chapel", "granary", "workshop", "observatory", "armoury", "greenhouse", "stable"]
 _FIRST_NAMES = ["Alice", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hector", "Ingrid", "Jonas",
@@ -66,7 +66,7 @@ _VERBS = ["catalogued", "discussed", "repaired", "inspected", "described", "phot
           "cleaned", "copied", "ignored", "praised", "studied", "moved", "counted", "admired"]
 _OBJECTS = ["the river maps", "the old ledgers", "the broken lanterns", "the winter supplies", "the market stalls",
             "the stone bridge", "the fishing boats", "the weather reports", "the orchard fences", "the tax rolls",
-            "the parish records", "the iron railings", "the grain sacks", "the wool bales", "the clock tower"]
+            "the parish records", "the iron railings", "the grain sacks", "the wool bales", "the town clock"]
 _ADVERBIALS = ["before the autumn fair", "near the harbour", "during the long rains", "after the evening bell",
                "with great care", "without much interest", "at the end of the season", "on a quiet morning",
                "for the third time", "in the presence of the mayor", "despite the cold wind", "by lamplight",
@@ -80,7 +80,8 @@ def _filler(rng: random.Random) -> str:
     return f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ADVERBIALS)}."
 
 
-def _document(rng: random.Random, *, document_words: int, num_distractors: int, answerable: bool) -> dict:
+def _document(rng: random.Random, *, document_words: int, num_distractors: int, mentions: int,
+              answerable: bool) -> dict:
     kind = rng.choice(sorted(_FACTS))
     fact_template, question_template, make_values = _FACTS[kind]
     # Entities of one document share no word, so one word of the question's entity already picks its fact.
@@ -94,12 +95,15 @@ def _document(rng: random.Random, *, document_words: int, num_distractors: int, 
     sentences: list[str] = []
     words = 0
     while words < document_words:
-        if rng.random() < 0.08:
-            sentence = rng.choice(_MENTIONS).format(entity=rng.choice(chosen))
-        else:
-            sentence = _filler(rng)
+        sentence = _filler(rng)
         sentences.append(sentence)
         words += len(sentence.split())
+    # Every entity, the asked one included, is also named in `mentions` filler sentences that state no fact, at
+    # any length: the answer is not "the fact whose entity appears elsewhere" but "the fact whose entity the
+    # question names", in short documents as in long ones.
+    for entity in chosen:
+        for _ in range(mentions):
+            sentences.insert(rng.randint(0, len(sentences)), rng.choice(_MENTIONS).format(entity=entity))
     facts = {entity: fact_template.format(entity=entity, value=value) for entity, value in values.items()}
     for entity in stated:
         sentences.insert(rng.randint(0, len(sentences)), "\0" + entity)
@@ -130,6 +134,7 @@ def generate_needle_squad(
     num_examples: int,
     document_words: int = 2000,
     num_distractors: int = 8,
+    mentions: int = 1,
     unanswerable_fraction: float = 0.0,
     seed: int = 0,
     split: str = "train",
@@ -140,6 +145,7 @@ def generate_needle_squad(
         num_examples: documents (= questions) to generate.
         document_words: approximate words per document (BERT word-pieces are about 1.25 per word here).
         num_distractors: facts of the same form about other entities in each document, 0 to ``MAX_FACTS - 1``.
+        mentions: filler sentences naming each entity (the asked one too) without stating a fact, >= 0.
         unanswerable_fraction: share of questions whose entity has no fact in the document, in [0, 1].
         seed / split: the stream; the same pair always gives the same documents.
     """
@@ -148,11 +154,14 @@ def generate_needle_squad(
     if not 0 <= num_distractors < MAX_FACTS:
         raise ValueError(f"num_distractors must be in [0, {MAX_FACTS - 1}] (entities of a document share no word), "
                          f"got {num_distractors}")
+    if mentions < 0:
+        raise ValueError(f"mentions must be >= 0, got {mentions}")
     rng = random.Random(f"needle:{split}:{seed}")
     articles = []
     for i in range(num_examples):
         answerable = rng.random() >= unanswerable_fraction
-        doc = _document(rng, document_words=document_words, num_distractors=num_distractors, answerable=answerable)
+        doc = _document(rng, document_words=document_words, num_distractors=num_distractors, mentions=mentions,
+                        answerable=answerable)
         qa = {"id": f"needle-{split}-{seed}-{i:06d}", "question": doc["question"], "answers": doc["answers"],
               "is_impossible": not doc["answers"],
               "needle": {"kind": doc["kind"], "entity": doc["entity"], "facts": doc["facts"]}}
@@ -205,6 +214,7 @@ def needle_file(
     num_examples: int,
     document_words: int = 2000,
     num_distractors: int = 8,
+    mentions: int = 1,
     unanswerable_fraction: float = 0.0,
     seed: int = 0,
 ) -> Path:
@@ -214,14 +224,14 @@ def needle_file(
     never leaves a half-written file under the final name.
     """
     params = dict(split=split, num_examples=num_examples, document_words=document_words,
-                  num_distractors=num_distractors, unanswerable_fraction=unanswerable_fraction, seed=seed, version=2)
+                  num_distractors=num_distractors, mentions=mentions, unanswerable_fraction=unanswerable_fraction, seed=seed, version=3)
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir).expanduser() / "needle" / f"needle-{split}-{key}.json"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     data = generate_needle_squad(num_examples=num_examples, document_words=document_words,
-                                 num_distractors=num_distractors, unanswerable_fraction=unanswerable_fraction,
+                                 num_distractors=num_distractors, mentions=mentions, unanswerable_fraction=unanswerable_fraction,
                                  seed=seed, split=split)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
