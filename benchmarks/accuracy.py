@@ -43,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -444,7 +445,7 @@ def describe_environment(device: str) -> dict[str, str]:
     import torch
     import transformers
 
-    hardware = f"{platform.machine()}, {os.cpu_count()} cpus"
+    hardware = f"{platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} torch threads"
     if device == "cuda":
         hardware = torch.cuda.get_device_name(0)
     return {"hardware": hardware, "torch": torch.__version__, "transformers": transformers.__version__}
@@ -528,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                         "finish are skipped and a run cut by the budget is discarded, results stay written")
     parser.add_argument("--report", action="store_true", help="only rewrite the table and plot from --out")
     parser.add_argument("--print-settings", action="store_true", help="print the task settings as JSON and exit")
+    parser.add_argument("--list", action="store_true", help="print the runs of the plan in priority order and exit")
     parser.add_argument("--export-fp16", type=Path, default=None, metavar="DIR", help="write the model directory "
                         "with fp16-stored weights to DIR and exit")
     args = parser.parse_args(argv)
@@ -561,9 +563,17 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("accuracy: --device cuda but torch sees no GPU", file=sys.stderr)
             return 2
-    ENVIRONMENT.update(describe_environment(args.device))
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside the bf16 autocast
     tasks = resolve_tasks(plan, args.tasks, parse_overrides(args.set))
     seeds = tuple(args.seeds) if args.seeds else plan.seeds
+    if args.list:
+        for run in ordered_runs(tasks, seeds):
+            n_train, n_eval = plan.sizes[run.task.name]
+            extra = " (+ zero-shot top-k at each k)" if run.attention == "sdpa" and run.task.zero_shot else ""
+            print(f"{run.label}{extra}: train {args.n_train or n_train or 'all'} x {run.task.epochs} epochs, "
+                  f"dev {args.n_eval or n_eval or 'all'}, max_length {run.task.max_length}")
+        return 0
+    ENVIRONMENT.update(describe_environment(args.device))
     done = {run_key(r) for r in records}
     weights = weights_storage(model_dir)
 
@@ -592,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"accuracy: plan {plan_name}, device {args.device}, seeds {list(seeds)}, tasks "
           f"{[t.name for t in tasks]} -> {out}", flush=True)
-    stopped = False
+    stopped, failed = False, []
     for run in ordered_runs(tasks, seeds):
         task = run.task
         train, dev = data_for(task)
@@ -618,10 +628,11 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             continue
         pl.seed_everything(run.seed, verbose=False)
-        module = build_module(task, run, model_dir)
         train_loader = loader(train, batch_size=task.batch_size, pad_id=pad_id, task=task, shuffle_seed=run.seed)
         dev_loader = loader(dev, batch_size=task.eval_batch_size, pad_id=pad_id, task=task, shuffle_seed=None)
+        module = None
         try:
+            module = build_module(task, run, model_dir)
             train_seconds = fine_tune(module, train_loader, task=task, device=args.device, deadline=deadline)
             seconds_per_example[(task.name, run.attention)] = train_seconds / (len(train) * task.epochs)
             new = []
@@ -648,13 +659,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stop: the time budget ran out during {run.label} (not recorded)", flush=True)
             stopped = True
             break
+        except Exception:  # one failing configuration must not cost the runs after it
+            failed.append(run.label)
+            print(f"FAILED {run.label} (not recorded):\n{traceback.format_exc()}", flush=True)
         finally:
             del module
     write_report(records, out)
     print(markdown(records))
     print(f"accuracy: {'stopped by the time budget' if stopped else 'done'} after "
-          f"{time.monotonic() - start:.0f} s; results in {out}", flush=True)
-    return 0
+          f"{time.monotonic() - start:.0f} s; results in {out}" + (f"; FAILED: {failed}" if failed else ""), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
