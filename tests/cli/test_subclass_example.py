@@ -39,7 +39,7 @@ def test_example_with_the_main_recipe_keeps_shared_arguments(example_module, cap
     printed = yaml.safe_load(capsys.readouterr().out)
     init = printed["model"]["init_args"]
     assert printed["model"]["class_path"] == example_module
-    assert init["attention"] == "sdpa" and init["query_chunk_size"] == 512 and init["pos_weight"] == 1.0
+    assert init["attention"] == "sdpa" and init["query_chunk_size"] == 128 and init["pos_weight"] == 1.0
     assert "version_2_with_negative" not in init
     callbacks = printed["trainer"]["callbacks"]  # replaced: no ModelCheckpoint watching val/f1 any more
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
