@@ -23,8 +23,10 @@ import hashlib
 import json
 import os
 import random
-import uuid
 from pathlib import Path
+
+from topk_lightning.atomic import atomic_output
+from topk_lightning.errors import InputError
 
 _DIRECTIONS = ["north", "south", "east", "west", "upper", "lower", "inner", "outer", "old", "new", "central",
                "eastern", "western", "northern", "southern", "hidden", "royal", "main", "rear", "harbour"]
@@ -136,9 +138,9 @@ def generate_needle_squad(
         seed / split: the stream; the same pair always gives the same documents.
     """
     if not 0.0 <= unanswerable_fraction <= 1.0:
-        raise ValueError(f"unanswerable_fraction must be in [0, 1], got {unanswerable_fraction}")
+        raise InputError(f"unanswerable_fraction must be in [0, 1], got {unanswerable_fraction}")
     if not 0 <= num_distractors < len(_DIRECTIONS) * len(_STRUCTURES):
-        raise ValueError(f"num_distractors must be in [0, {len(_DIRECTIONS) * len(_STRUCTURES) - 1}]")
+        raise InputError(f"num_distractors must be in [0, {len(_DIRECTIONS) * len(_STRUCTURES) - 1}]")
     rng = random.Random(f"needle:{split}:{seed}")
     articles = []
     for i in range(num_examples):
@@ -163,8 +165,8 @@ def needle_file(
 ) -> Path:
     """Path of the needle JSON for these parameters under ``cache_dir/needle/``, written on first use.
 
-    The file is written to a unique temporary name and renamed into place, so a crash or a concurrent writer
-    never leaves a half-written file under the final name.
+    The file is written with `~topk_lightning.atomic.atomic_output`, so a crash or a concurrent writer never leaves
+    a half-written file under the final name.
     """
     params = dict(split=split, num_examples=num_examples, document_words=document_words,
                   num_distractors=num_distractors, unanswerable_fraction=unanswerable_fraction, seed=seed, version=1)
@@ -176,10 +178,6 @@ def needle_file(
     data = generate_needle_squad(num_examples=num_examples, document_words=document_words,
                                  num_distractors=num_distractors, unanswerable_fraction=unanswerable_fraction,
                                  seed=seed, split=split)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as partial:
+        partial.write_text(json.dumps(data), encoding="utf-8")
     return path
