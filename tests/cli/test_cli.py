@@ -1,6 +1,7 @@
 """The CLI end to end on tiny random models: fit, validate, test, predict, export, links, configs."""
 
 import json
+import re
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -186,3 +187,62 @@ def test_precision_and_accumulation_flags(tmp_path, tiny_bert, qa_files):
     assert cli.trainer.precision == "bf16-mixed"
     assert cli.trainer.global_step == 1  # 2 batches accumulated into one optimiser step
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+TASK_CLASSES = {
+    "model": ["topk_lightning.modules.ExtractiveQAModule", "topk_lightning.modules.SequenceClassificationModule"],
+    "data": ["topk_lightning.data.QADataModule", "topk_lightning.data.ClassificationDataModule"],
+}
+
+
+def _all_parameters(class_path):
+    """Every __init__ parameter of the class and of the base it forwards **kwargs to, with its default."""
+    import importlib
+    import inspect
+
+    module, name = class_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    parameters = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and klass.__module__.startswith("topk_lightning"):
+            for parameter in inspect.signature(klass.__init__).parameters.values():
+                if parameter.kind == parameter.KEYWORD_ONLY:
+                    parameters[parameter.name] = parameter.default
+    return parameters
+
+
+@pytest.mark.parametrize("group, class_path", [(g, c) for g, paths in TASK_CLASSES.items() for c in paths])
+def test_task_classes_forward_kwargs_yet_show_every_option_with_type_and_default(group, class_path, capsys):
+    """Task classes declare their own arguments and forward **kwargs to the base; jsonargparse follows the call, so
+    --help and --print_config still show the base's options, typed, with the base's defaults."""
+    import inspect
+
+    import yaml
+
+    parameters = _all_parameters(class_path)
+    assert "kwargs" in inspect.signature(__import__("pydoc").locate(class_path).__init__).parameters
+    with pytest.raises(SystemExit):
+        main(["fit", f"--{group}.help", class_path])
+    help_text = capsys.readouterr().out
+    blocks = {m.group(1): m.group(0) for m in re.finditer(rf"^  --{group}\.(\w+)\b.*?(?=^  --|\Z)", help_text, re.S | re.M)}
+    for name, default in parameters.items():
+        assert name in blocks, f"--{group}.{name} missing from --help"
+        block = " ".join(blocks[name].split())
+        shown = "null" if default is None else " ".join(str(default).split())  # help wraps and collapses spaces
+        if default is inspect.Parameter.empty:
+            assert "(required, type: " in block, block
+        else:
+            assert re.search(rf"\(type: .+, default: ?{re.escape(shown)}\)", block), block
+
+    other = "data" if group == "model" else "model"
+    partner = {"model": "topk_lightning.data.QADataModule", "data": "topk_lightning.modules.ExtractiveQAModule"}
+    with pytest.raises(SystemExit):
+        main(["fit", f"--{group}={class_path}", f"--{other}={partner[group]}", f"--{group}.batch_size=3"
+              if group == "data" else "--model.topk=64", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)[group]["init_args"]
+    for name, default in parameters.items():
+        if name in ("max_positions", "tokenizer", "num_labels", "class_names", "pad_to_multiple_of"):
+            continue  # linked from the other group
+        assert name in printed, f"{name} missing from --print_config"
+        if default is not inspect.Parameter.empty and name != "batch_size":
+            assert printed[name] == default, name

@@ -64,6 +64,21 @@ def test_remove_topk_restores_exactly(family):
     torch.testing.assert_close(hidden(model, batch), reference, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_topk_none_patches_only_the_feed_forward_layers(implementation):
+    model = tiny_model("bert", attn_implementation=implementation)
+    batch = padded_batch("bert")
+    reference = hidden(model, batch)
+    apply_topk(model, TopKConfig(topk=None, ff_topk=4, ff_chunk_size=5))
+    assert model.config._attn_implementation == implementation  # attention untouched
+    assert not any(hasattr(m, LAYER_SETTINGS_ATTR) for m in model.modules())
+    assert len(_patched_feed_forwards(model)) == 2
+    assert max_diff_unpadded(hidden(model, batch), reference, batch["attention_mask"]) > 1e-3  # ff_topk=4 of 64 units
+    remove_topk(model)
+    assert model.config._attn_implementation == implementation and not _patched_feed_forwards(model)
+    torch.testing.assert_close(hidden(model, batch), reference, atol=0, rtol=0)
+
+
 def test_remove_topk_restores_eager():
     model = tiny_model("bert", attn_implementation="eager")
     remove_topk(apply_topk(model, TopKConfig(topk=4)))

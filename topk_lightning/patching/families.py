@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from topk_lightning import ops
+from topk_lightning.errors import InputError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,20 +184,20 @@ def family_of(model: nn.Module) -> Family:
 
     Raises:
         TypeError: ``model`` is not a transformers `PreTrainedModel`.
-        ValueError: the architecture is not supported; the message names the class.
+        InputError: the architecture is not supported; the message names the class (a ``ValueError``).
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"apply_topk expects a transformers PreTrainedModel, got {type(model).__name__}")
     model_type = getattr(model.config, "model_type", None)
     cls = type(model).__name__
     if model_type not in FAMILIES:
-        raise ValueError(
+        raise InputError(
             f"{cls} (model_type={model_type!r}) is not supported by top-k patching: its attention does not go through "
             "transformers' AttentionInterface or its layers are not in topk_lightning's family table. Supported "
             f"model types: {', '.join(sorted(FAMILIES))}"
         )
     if not type(model)._can_set_attn_implementation() or not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(
+        raise InputError(
             f"{cls} (model_type={model_type!r}) does not route attention through transformers' AttentionInterface "
             "(remote or legacy modeling code?), so top-k attention cannot be plugged in"
         )
