@@ -53,6 +53,10 @@ def test_fit_validate_test_predict_and_export(tmp_path, tiny_bert, qa_files):
            for p in a["paragraphs"] for q in p["qas"]]
     assert sorted(predictions) == sorted(ids)
     assert predictions == validate.model.predictions  # same checkpoint, same decoding
+    # without --model.predictions_file the answers go to the run directory (and the path is printed)
+    default = build_cli(["predict", *args, f"--data.predict_file={qa_files['validation']}", f"--ckpt_path={best}"])
+    written = Path(default.trainer.log_dir) / "predictions.json"
+    assert json.loads(written.read_text()) == predictions
 
     # --export_dir saved the best checkpoint for plain transformers
     from transformers import AutoModelForQuestionAnswering

@@ -27,4 +27,5 @@ def test_main_recipe_two_steps(tmp_path, monkeypatch):
     assert list(outputs.glob("csv/version_0/metrics.csv"))
     assert list(outputs.glob("tensorboard/version_0/events.out.tfevents.*"))
     assert list(outputs.glob("csv/version_0/checkpoints/best-step*.ckpt"))
+    assert (outputs / "csv" / "version_0" / "checkpoints" / "last.ckpt").is_file()  # what --ckpt_path resumes from
     assert (outputs / "csv" / "version_0" / "config.yaml").is_file()

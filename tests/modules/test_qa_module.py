@@ -1,6 +1,7 @@
 """ExtractiveQAModule: loss, evaluation bookkeeping, checkpoint round trip, export, predictions file."""
 
 import json
+import os
 
 import lightning.pytorch as pl
 import pytest
@@ -131,9 +132,18 @@ def test_export_reloads_in_plain_transformers_and_with_topk(tmp_path, tiny_bert,
 
     module = ExtractiveQAModule(backbone=tiny_bert, attention="topk", max_positions=160).eval()
     torch.nn.init.normal_(module.head.weight)
-    out = module.export(tmp_path / "export")
+    mask = os.umask(0o022)
+    try:
+        out = module.export(tmp_path / "export")
+    finally:
+        os.umask(mask)
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
-    AutoTokenizer.from_pretrained(out)
+    # the tokenizer admits what the model admits (the pretrained tokenizer said 512)
+    assert AutoTokenizer.from_pretrained(tiny_bert).model_max_length == 512
+    assert AutoTokenizer.from_pretrained(out).model_max_length == 160
+    # plain umask permissions everywhere (safetensors writes its file 0600, a temporary directory is 0700)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o644 for p in out.iterdir()}
     batch = {k: batches[0][k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     with torch.no_grad():
         start, end = module(batches[0])

@@ -202,10 +202,17 @@ class TopKTransformerModule(LightningModule):
         hp = self.hparams
         # Top-k is patched onto an sdpa model; that way the loaded weights never depend on the attention choice.
         implementation = "sdpa" if hp.attention == "topk" else hp.attention
+        name, path = type(self).__name__, self.backbone_path
         try:
-            model = self.load_pretrained(self.backbone_path, implementation)
+            model = self.load_pretrained(path, implementation)
         except OSError as error:  # no such directory, no weights in it, or a name not in the offline cache
-            raise InputError(f"{type(self).__name__}: cannot load backbone {self.backbone_path!r} ({error})") from None
+            raise InputError(f"{name}: cannot load backbone {path!r} ({error})") from None
+        except ValueError as error:  # transformers: this architecture has no such attention implementation
+            if hp.attention != "topk":
+                raise InputError(f"{name}: cannot load backbone {path!r} with attention={hp.attention!r} ({error})") \
+                    from None
+            # Without sdpa support top-k cannot plug in either; load it eagerly so that apply_topk names the class.
+            model = self.load_pretrained(path, "eager")
         if hp.max_positions is not None:
             self._extend_positions(model, hp.max_positions)
         config = self.topk_config

@@ -215,8 +215,9 @@ class ExtractiveQAModule(TopKTransformerModule):
         results = self._gather_results()
         self._results = []
         self.predictions = self.decode(results)
+        path = self.predictions_path()  # on every process: trainer.log_dir is a collective call under DDP
         if self.trainer.is_global_zero:
-            path = write_predictions(self.predictions, self.predictions_path())
+            write_predictions(self.predictions, path)
             rank_zero_info(f"Wrote {len(self.predictions)} predictions to {path}")
 
     def predictions_path(self) -> Path:
