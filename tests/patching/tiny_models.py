@@ -65,3 +65,33 @@ def hidden(model, batch) -> torch.Tensor:
 def max_diff_unpadded(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor) -> float:
     keep = attention_mask.bool()
     return (a[keep] - b[keep]).abs().max().item()
+
+
+def weighted_loss(output: torch.Tensor, attention_mask: torch.Tensor, *, seed: int = 7) -> torch.Tensor:
+    """A loss whose gradient reaches every unpadded output with its own random weight.
+
+    ``output.sum()`` would not do: the encoders end with a LayerNorm, whose outputs sum to a constant per token, so
+    its gradients are rounding noise.
+    """
+    weights = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed))
+    return (output * weights)[attention_mask.bool()].sum()
+
+
+def register_dense_topk_reference(topk: int) -> str:
+    """Register (idempotent) and return an attention implementation name that computes top-k attention the plain way,
+    with `ops.dense_attention` (every score materialised, masked to the ``topk`` largest per query): a reference that
+    shares no code with `ops.topk_attention` or the bridge's attention function."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    from topk_lightning.ops import dense_attention
+    from topk_lightning.patching.attention import key_padding_mask
+
+    name = f"dense-top{topk}-reference"
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        out = dense_attention(query, key, value, topk=topk, key_padding_mask=attention_mask, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, key_padding_mask)
+    return name
