@@ -263,3 +263,20 @@ def test_task_classes_forward_kwargs_yet_show_every_option_with_type_and_default
         assert name in printed, f"{name} missing from --print_config"
         if default is not inspect.Parameter.empty and name != "batch_size":
             assert printed[name] == default, name
+
+
+def test_print_config_shows_the_linked_values_and_still_feeds_back(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "recipes/qa.yaml"), "--model.query_chunk_size=256", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "#   model.max_positions: 2048  (= data.max_length)" in printed
+    assert "#   data.pad_to_multiple_of: 256  (= model.query_chunk_size)" in printed
+    assert "#   model.tokenizer: null  (= data.tokenizer)" in printed
+    assert "num_labels" not in printed  # a QA model has no such argument
+    (tmp_path / "printed.yaml").write_text(printed)  # comments, so the printed config is still a valid --config
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "recipes/classification.yaml"), "--print_config"])
+    assert "#   model.num_labels: set from data.num_labels when the classes are created" in capsys.readouterr().out
