@@ -17,6 +17,7 @@ ALLOWED = {
     "data": {"errors", "atomic"},
     "modules": {"patching", "errors", "atomic"},
     "callbacks": {"errors", "atomic"},
+    "inference": {"data", "modules", "errors"},
     "cli": {"ops", "patching", "data", "modules", "callbacks", "errors", "atomic", "__init__"},
     "__init__": {"ops", "patching"},
 }
