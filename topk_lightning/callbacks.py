@@ -84,8 +84,8 @@ class LastCheckpoint(Callback):
         self._save(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if self.path is None or trainer.global_step == 0:
-            return  # training never started, or no step finished: nothing worth resuming
+        if self.path is None or trainer.global_step == 0 or trainer.state.fn != TrainerFn.FITTING:
+            return  # training never started or no step finished (nothing worth resuming), or not a fit at all
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         if progress.processed < progress.ready and self._rng_at_batch_start is not None:
             # Interrupted inside a step: Lightning resumes with that batch, so restore the state it started from.

@@ -175,7 +175,7 @@ class ExtractiveQAModule(TopKTransformerModule):
             self.log(f"{stage}/{name}", value, prog_bar=name in ("em", "f1"), sync_dist=True)
         if not self.trainer.sanity_checking:
             summary = "  ".join(f"{name}={value:.2f}" for name, value in metrics.items())
-            rank_zero_info(f"[{stage}] epoch {self.current_epoch}: {len(predictions)} questions  {summary}")
+            rank_zero_info(f"[{stage}] step {self.global_step}: {len(predictions)} questions  {summary}")
 
     def on_validation_epoch_start(self) -> None:
         self._results = []
