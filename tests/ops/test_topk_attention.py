@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from topk_lightning.ops import dense_attention, topk_attention
-from topk_lightning.ops.topk_attention import _select_topk
+from topk_lightning.ops.torch_backend import select_topk
 
 
 def _inputs(batch=2, heads=4, kv_heads=2, q_len=19, k_len=23, dim=8, dtype=torch.float64, seed=0):
@@ -56,7 +56,7 @@ def test_small_topk_equals_dense_scores_keep_topk_softmax(topk, causal):
 
 
 def test_long_rows_use_the_grouped_selection_and_stay_exact():
-    # Lk >= 32 * topk switches _select_topk to the two-stage grouped search.
+    # Lk >= 32 * topk switches select_topk to the two-stage grouped search.
     q, k, v = _inputs(batch=1, heads=2, kv_heads=1, q_len=9, k_len=512, dim=4)
     out = topk_attention(q, k, v, topk=4, query_chunk_size=3)
     ref = dense_attention(q, k, v, topk=4)
@@ -66,7 +66,7 @@ def test_long_rows_use_the_grouped_selection_and_stay_exact():
 @pytest.mark.parametrize("length", [64, 1024, 4096])
 def test_select_topk_returns_the_true_top_values(length):
     scores = torch.randn(3, 5, length, generator=torch.Generator().manual_seed(length))
-    values, index = _select_topk(scores, 16)
+    values, index = select_topk(scores, 16)
     expected = scores.topk(16, dim=-1).values
     torch.testing.assert_close(values.sort(-1, descending=True).values, expected, atol=0, rtol=0)
     torch.testing.assert_close(scores.gather(-1, index), values, atol=0, rtol=0)

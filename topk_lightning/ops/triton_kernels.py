@@ -1,0 +1,293 @@
+"""Triton kernels for top-k attention (imported only by `topk_lightning.ops.triton_backend`).
+
+Forward, one program per tile of ``BLOCK_M`` query rows of one (batch, head), persistent over tiles::
+
+    for each block of BLOCK_N keys:            (one pass over QK^T; scores never leave the chip)
+        s = q @ k_block.T * scale, masked       tl.dot, fp32 accumulation (fp64 for fp64 inputs)
+        append every s > threshold[row]         to the program's candidate buffer (CAND slots per row)
+        if a row's buffer could overflow:       compact: keep each row's TOPK largest, threshold = the k-th
+    compact a last time; softmax over the kept values; out = sum_j p_j v[idx_j]
+
+The threshold only ever rises to the k-th largest score seen so far, so an entry below it can never be in the
+final top k: the result is exactly the top-k of each row (ties broken towards the lower key index). Selection is
+by bisection over the scores' bit patterns (order-preserving integer keys), which needs no sort.
+
+Backward, one program per ``BLOCK_R`` query rows: recompute p_j = exp(q . k[idx_j] * scale - lse) for the kept
+entries only, then dS, dQ (stored) and dK, dV (atomically added, or written out for a deterministic reduction).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _order_keys(values, KEY_BITS: tl.constexpr):
+    """Integer keys whose signed order is the float order of ``values`` (fp32 -> int32, fp64 -> int64)."""
+    if KEY_BITS == 64:
+        bits = values.to(tl.int64, bitcast=True)
+        return tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+    else:
+        bits = values.to(tl.int32, bitcast=True)
+        return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _key_to_value(keys, KEY_BITS: tl.constexpr):
+    """Inverse of `_order_keys` (the transform is an involution)."""
+    if KEY_BITS == 64:
+        bits = tl.where(keys < 0, keys ^ 0x7FFFFFFFFFFFFFFF, keys)
+        return bits.to(tl.float64, bitcast=True)
+    else:
+        bits = tl.where(keys < 0, keys ^ 0x7FFFFFFF, keys)
+        return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _kth_largest_key(keys, valid, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Per row of ``keys`` (R, N): the largest key t with at least TOPK valid keys >= t, built bit by bit.
+
+    In two's complement the sign bit splits the range and the remaining bits order each half as unsigned numbers,
+    so deciding the sign first and then setting bits greedily from the top finds t exactly.
+    Rows with fewer than TOPK valid keys get the minimum integer (callers check the count).
+    """
+    if KEY_BITS == 64:
+        low = tl.full([keys.shape[0]], -9223372036854775808, tl.int64)
+        one = tl.full([keys.shape[0]], 1, tl.int64)
+    else:
+        low = tl.full([keys.shape[0]], -2147483648, tl.int32)
+        one = tl.full([keys.shape[0]], 1, tl.int32)
+    non_negative = tl.sum((valid & (keys >= 0)).to(tl.int32), axis=1)
+    answer = tl.where(non_negative >= TOPK, low * 0, low)
+    for bit in tl.static_range(KEY_BITS - 2, -1, -1):
+        candidate = answer | (one << bit)
+        count = tl.sum((valid & (keys >= candidate[:, None])).to(tl.int32), axis=1)
+        answer = tl.where(count >= TOPK, candidate, answer)
+    return answer
+
+
+@triton.jit
+def _compact(val_ptrs, idx_ptrs, slots, count, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Keep each row's TOPK largest buffered candidates, moved to the front in their buffer order.
+
+    ``val_ptrs``/``idx_ptrs`` (R, CAND) address the buffer, ``count`` (R,) its filled slots. Returns the new
+    counts, the new thresholds (the k-th largest value, or -inf while a row holds fewer than TOPK entries), and,
+    for the final call, the buffer's values and key indices as read, which of them were kept and where they went.
+    """
+    valid = slots[None, :] < count[:, None]
+    values = tl.load(val_ptrs, mask=valid, other=float("-inf"))
+    index = tl.load(idx_ptrs, mask=valid, other=-1)
+    keys = _order_keys(values, KEY_BITS)
+    kth = _kth_largest_key(keys, valid, TOPK, KEY_BITS)
+    full = count >= TOPK
+    above = valid & (keys > kth[:, None])
+    tied = valid & (keys == kth[:, None])
+    room = TOPK - tl.sum(above.to(tl.int32), axis=1)
+    keep = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=1) <= room[:, None]))
+    keep = tl.where(full[:, None], keep, valid)
+    position = tl.cumsum(keep.to(tl.int32), axis=1) - 1
+    new_count = tl.sum(keep.to(tl.int32), axis=1)
+    threshold = tl.where(full, _key_to_value(kth, KEY_BITS), float("-inf")).to(values.dtype)
+    tl.debug_barrier()  # every thread has read the buffer before any entry moves
+    row_base = val_ptrs - slots[None, :]
+    tl.store(row_base + position, values, mask=keep)
+    tl.store(idx_ptrs - slots[None, :] + position, index, mask=keep)
+    tl.debug_barrier()
+    return new_count, threshold, values, index, keep, position
+
+
+@triton.jit
+def topk_forward_kernel(
+    Q, K, V, PAD, OUT, IDX, LSE, SCRATCH_VAL, SCRATCH_IDX, PARAMS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_pb, stride_pn,
+    heads, group, q_len, k_len, row_blocks, num_tiles,
+    causal_offset, seed,
+    TOPK: tl.constexpr, CAND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    KEY_BITS: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Grid (programs,), persistent over the B * H * row_blocks tiles. PARAMS = [scale, dropout_p] in the score
+    dtype (fp64 for fp64 inputs, else fp32), as are SCRATCH_VAL and LSE."""
+    SCORE_DTYPE = SCRATCH_VAL.dtype.element_ty
+    scale = tl.load(PARAMS)
+    dropout_p = tl.load(PARAMS + 1)
+    pid = tl.program_id(0)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    local = tl.arange(0, BLOCK_M)
+    slots = tl.arange(0, CAND)
+    keys_in_block = tl.arange(0, BLOCK_N)
+    # This program's candidate buffer: BLOCK_M rows of CAND (value, key index) slots, reused tile after tile.
+    buffer_offsets = (pid * BLOCK_M + local)[:, None].to(tl.int64) * CAND + slots[None, :]
+    val_ptrs = SCRATCH_VAL + buffer_offsets
+    idx_ptrs = SCRATCH_IDX + buffer_offsets
+
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        bh = tile // row_blocks
+        row_block = tile % row_blocks
+        b = bh // heads
+        h = bh % heads
+        kv = h // group
+        rows = row_block * BLOCK_M + local
+        row_ok = rows < q_len
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+            mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+        )
+        if DOT_UPCAST:  # Triton's interpreter multiplies bfloat16 tiles wrongly; the GPU never takes this branch
+            q = q.to(tl.float32)
+        k_base = K + b * stride_kb + kv * stride_kh
+        count = tl.zeros([BLOCK_M], dtype=tl.int32)
+        threshold = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
+        key_end = k_len
+        if CAUSAL:
+            key_end = tl.minimum(k_len, row_block * BLOCK_M + BLOCK_M + causal_offset)
+        for start in range(0, key_end, BLOCK_N):
+            cols = start + keys_in_block
+            col_ok = cols < k_len
+            k_t = tl.load(
+                k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
+                mask=dim_ok[:, None] & col_ok[None, :], other=0.0,
+            )
+            if DOT_UPCAST:
+                k_t = k_t.to(tl.float32)
+            if IEEE:
+                scores = tl.dot(q, k_t, input_precision="ieee", out_dtype=SCORE_DTYPE)
+            else:
+                scores = tl.dot(q, k_t, out_dtype=SCORE_DTYPE)
+            scores = scores * scale
+            take = row_ok[:, None] & col_ok[None, :]
+            if HAS_PAD:
+                pad = tl.load(PAD + b * stride_pb + cols * stride_pn, mask=col_ok, other=0)
+                take = take & (pad != 0)[None, :]
+            if CAUSAL:
+                take = take & (cols[None, :] <= rows[:, None] + causal_offset)
+            take = take & (scores > threshold[:, None])
+            taken = tl.sum(take.to(tl.int32), axis=1)
+            if tl.max(taken, axis=0) > 0:
+                position = count[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
+                target = (pid * BLOCK_M + local)[:, None].to(tl.int64) * CAND + position
+                tl.store(SCRATCH_VAL + target, scores, mask=take)
+                tl.store(SCRATCH_IDX + target, cols[None, :] + position * 0, mask=take)
+                count += taken
+                if tl.max(count, axis=0) > CAND - BLOCK_N:
+                    tl.debug_barrier()
+                    count, threshold, _v, _i, _k, _p = _compact(val_ptrs, idx_ptrs, slots, count, TOPK, KEY_BITS)
+
+        # Final selection, softmax over the kept values, then out = sum_j w_j v[idx_j].
+        tl.debug_barrier()
+        count, threshold, values, index, keep, position = _compact(val_ptrs, idx_ptrs, slots, count, TOPK, KEY_BITS)
+        # Rows with nothing to attend (count 0) get lse = -inf and no kept entries: zeros, never NaN.
+        row_max = tl.max(tl.where(keep, values, float("-inf")), axis=1)
+        safe_max = tl.where(count > 0, row_max, 0.0)
+        total = tl.sum(tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - safe_max[:, None]), 0.0), axis=1)
+        safe_lse = safe_max + tl.log(tl.where(count > 0, total, 1.0))
+        lse = tl.where(count > 0, safe_lse, float("-inf"))
+        weight = tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - safe_lse[:, None]), 0.0)
+        if DROPOUT:
+            offsets = rows[:, None] * TOPK + position
+            kept = tl.rand(seed + bh, offsets) >= dropout_p
+            weight = tl.where(kept, weight / (1.0 - dropout_p), 0.0)
+        row_slots = (bh * q_len + rows).to(tl.int64)
+        tl.store(LSE + row_slots, lse, mask=row_ok)
+        # Slots past a row's count keep the -1 the caller filled IDX with.
+        tl.store(IDX + row_slots[:, None] * TOPK + position, index, mask=keep & row_ok[:, None])
+        tl.store(val_ptrs - slots[None, :] + position, weight, mask=keep)
+        tl.debug_barrier()
+
+        v_base = V + b * stride_vb + kv * stride_vh
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=SCORE_DTYPE)
+        for j in range(0, TOPK):
+            present = row_ok & (j < count)
+            key_index = tl.load(IDX + row_slots * TOPK + j, mask=present, other=0)
+            w = tl.load(SCRATCH_VAL + (pid * BLOCK_M + local).to(tl.int64) * CAND + j, mask=present, other=0.0)
+            v_rows = tl.load(
+                v_base + key_index[:, None] * stride_vn + dims[None, :] * stride_vd,
+                mask=present[:, None] & dim_ok[None, :], other=0.0,
+            )
+            acc += w[:, None] * v_rows.to(SCORE_DTYPE)
+        tl.store(
+            OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+            acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :],
+        )
+        tl.debug_barrier()  # the buffer is reused by the next tile
+
+
+@triton.jit
+def topk_backward_kernel(
+    Q, K, V, DO, IDX, LSE, DQ, DK, DV, DS, W, PARAMS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    heads, launch_heads, head_offset, group, q_len, seed,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """Grid (query row blocks, batch x launch_heads). The launch covers query heads head_offset ...
+    head_offset + launch_heads - 1; DK/DV (fp32 accumulators, ATOMIC) hold only their kv heads, the first one
+    being head_offset // group. Without ATOMIC, dS and the dropout-scaled probabilities go to DS/W (B, H, Lq, TOPK)
+    for a deterministic reduction by the caller. LSE and PARAMS = [scale, dropout_p] have the compute dtype."""
+    ACC = LSE.dtype.element_ty
+    scale = tl.load(PARAMS)
+    dropout_p = tl.load(PARAMS + 1)
+    row_block = tl.program_id(0)
+    b = tl.program_id(1) // launch_heads
+    h = tl.program_id(1) % launch_heads + head_offset
+    kv = h // group
+    kv_local = kv - head_offset // group
+    bh = b * heads + h
+
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < q_len
+    slots = tl.arange(0, TOPK_P2)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    row_slots = (bh * q_len + rows).to(tl.int64)
+
+    index = tl.load(IDX + row_slots[:, None] * TOPK + slots[None, :],
+                    mask=row_ok[:, None] & (slots < TOPK)[None, :], other=-1)
+    present = index >= 0
+    lse = tl.load(LSE + row_slots, mask=row_ok, other=0.0).to(ACC)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(ACC)
+    grad_out = tl.load(
+        DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + dims[None, :] * stride_dod,
+        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+    ).to(ACC)
+    gather = present[:, :, None] & dim_ok[None, None, :]
+    safe_index = tl.where(present, index, 0)
+    keys = tl.load(K + b * stride_kb + kv * stride_kh + safe_index[:, :, None] * stride_kn
+                   + dims[None, None, :] * stride_kd, mask=gather, other=0.0).to(ACC)
+    values = tl.load(V + b * stride_vb + kv * stride_vh + safe_index[:, :, None] * stride_vn
+                     + dims[None, None, :] * stride_vd, mask=gather, other=0.0).to(ACC)
+
+    prob = tl.where(present, tl.exp(tl.sum(q[:, None, :] * keys, axis=2) * scale - lse[:, None]), 0.0)
+    grad_prob = tl.sum(grad_out[:, None, :] * values, axis=2)
+    weight = prob
+    if DROPOUT:
+        kept = tl.rand(seed + bh, rows[:, None] * TOPK + slots[None, :]) >= dropout_p
+        grad_prob = tl.where(kept, grad_prob / (1.0 - dropout_p), 0.0)
+        weight = tl.where(kept, prob / (1.0 - dropout_p), 0.0)
+    grad_score = prob * (grad_prob - tl.sum(prob * grad_prob, axis=1)[:, None])
+
+    grad_q = tl.sum(grad_score[:, :, None] * keys, axis=1) * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + dims[None, :] * stride_dqd,
+             grad_q.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    if ATOMIC:
+        target = (b * stride_dkb + kv_local * stride_dkh + safe_index[:, :, None] * stride_dkn
+                  + dims[None, None, :] * stride_dkd)
+        tl.atomic_add(DK + target, (grad_score * scale)[:, :, None] * q[:, None, :], mask=gather, sem="relaxed")
+        tl.atomic_add(DV + target, weight[:, :, None] * grad_out[:, None, :], mask=gather, sem="relaxed")
+    else:
+        entry = row_slots[:, None] * TOPK + slots[None, :]
+        tl.store(DS + entry, grad_score, mask=present)
+        tl.store(W + entry, weight, mask=present)
