@@ -86,7 +86,8 @@ def apply_topk(model: PreTrainedModel, config: TopKConfig | None = None) -> PreT
     state = _PatchState(attn_implementation=model.config._attn_implementation)
     for index, layer in enumerate(layers):
         settings = LayerAttention(
-            topk=config.topk if index in chosen else None, query_chunk_size=config.query_chunk_size
+            topk=config.topk if index in chosen else None, query_chunk_size=config.query_chunk_size,
+            backend=config.backend,
         )
         for module in family.attention_modules(layer):
             setattr(module, LAYER_SETTINGS_ATTR, settings)
