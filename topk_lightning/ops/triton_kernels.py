@@ -60,8 +60,8 @@ def _kth_largest_key(keys, valid, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
         one = tl.full([keys.shape[0]], 1, tl.int32)
     non_negative = tl.sum((valid & (keys >= 0)).to(tl.int32), axis=1)
     answer = tl.where(non_negative >= TOPK, low * 0, low)
-    for bit in range(KEY_BITS - 2, -1, -1):  # not unrolled: compactions are rare, compile time is not
-        candidate = answer | (one << bit)
+    for step in range(0, KEY_BITS - 1):  # bits KEY_BITS-2 .. 0; a loop, not unrolled: compactions are rare
+        candidate = answer | (one << (KEY_BITS - 2 - step))
         count = tl.sum((valid & (keys >= candidate[:, None])).to(tl.int32), axis=1)
         answer = tl.where(count >= TOPK, candidate, answer)
     return answer
