@@ -13,9 +13,10 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/ops/test_triton_backend.py tests/patching/test_apply.py \
-    -k "triton_backend or backends_agree" -q -p no:cacheprovider $xdist 2>&1 | tee "$out/pytest.log" | tail -n 15
+    -k "${TEST_FILTER:-triton_backend or backends_agree}" -q -p no:cacheprovider $xdist 2>&1 \
+    | tee "$out/pytest.log" | tail -n 15
 
-timeout "${TUNE_TIMEOUT:-150}" python3 benchmarks/tune_triton.py --lengths 4096 32768 \
+timeout "${TUNE_TIMEOUT:-150}" python3 benchmarks/tune_triton.py --lengths ${TUNE_LENGTHS:-4096 32768} \
     --configs ${TUNE_CONFIGS:-64,64,4 32,64,4 64,32,4 128,64,8} 2>&1 | tee "$out/tune.md"
 
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/attention.py --device cuda --dtype bfloat16 \
