@@ -1,6 +1,6 @@
 """Try tile configurations of the Triton top-k forward kernel on this GPU and time forward and backward separately.
 
-Each configuration ``BLOCK_M,BLOCK_N,num_warps`` is passed through TOPK_LIGHTNING_TRITON_FWD (the override that
+Each configuration ``BLOCK_M,BLOCK_N,num_warps[,SEGMENT]`` is passed through TOPK_LIGHTNING_TRITON_FWD (the override that
 `topk_lightning.ops.triton_backend.forward_config` reads) and checked against the default configuration's output
 before it is timed (CUDA events, median). Prints a table; the fastest configuration is the one to make default.
 
@@ -34,7 +34,8 @@ def _time(fn, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
-    parser.add_argument("--configs", nargs="+", default=["64,64,8", "64,64,4", "32,64,4", "64,32,4", "128,64,8"])
+    parser.add_argument("--configs", nargs="+", default=["64,64,8,2", "128,64,8,2", "64,128,8,1", "64,64,4,4"],
+                        help="BLOCK_M,BLOCK_N,num_warps[,SEGMENT] (see triton_backend.forward_config)")
     parser.add_argument("--topk", type=int, default=64)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)

@@ -27,6 +27,8 @@ from topk_lightning.ops.torch_backend import compute_dtype
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 MAX_TOPK = 256
+# Resident programs of the forward kernel per streaming multiprocessor (registers allow two; more queue up).
+PROGRAMS_PER_SM = int(os.environ.get("TOPK_LIGHTNING_TRITON_PROGRAMS_PER_SM", "4"))
 # fp32 dK/dV accumulators for half-precision inputs are filled this many bytes at a time (a group of kv heads).
 ACCUMULATOR_BUDGET_BYTES = 256 << 20
 
@@ -53,27 +55,29 @@ def _next_power_of_2(n: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _program_slots(device_index: int) -> int:
     """Programs the persistent forward launches on this GPU: a few per streaming multiprocessor."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count * 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
 
 
 def forward_config(topk: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes of the forward kernel. The candidate buffer holds at least topk + one key block, doubled so that
-    compactions stay rare; the query tile shrinks as the buffer grows, to bound registers per program."""
+    """Tile sizes of the forward kernel.
+
+    Keys stream in segments of SEGMENT blocks of BLOCK_N; after a segment, rows whose buffer could not take
+    another one are selected down to TOPK. The buffer (CAND slots) leaves room for about three TOPK of appends
+    beyond a segment, so that once the threshold is high a selection is rare. Selection works on one buffer row
+    per warp, so CAND does not raise the registers of the hot loop.
+    """
     block_n = 64 if head_dim <= 128 else 32
-    cand = 2 * _next_power_of_2(topk + block_n)
-    block_m = 64 if cand <= 256 else max(16, 16384 // cand)
-    if dtype == torch.float64:
-        block_m = min(block_m, 32)
-    override = os.environ.get("TOPK_LIGHTNING_TRITON_FWD")  # "BLOCK_M,BLOCK_N,num_warps": for tuning runs only
-    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "CAND": cand, "num_warps": 4 if block_m <= 32 else 8,
-              "num_stages": 2}
+    config = {"BLOCK_M": 64, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 3, "SEGMENT": 2}
+    override = os.environ.get("TOPK_LIGHTNING_TRITON_FWD")  # "BLOCK_M,BLOCK_N,num_warps[,SEGMENT]": tuning only
     if override:
-        m, n, warps = (int(x) for x in override.split(","))
-        config.update(BLOCK_M=m, BLOCK_N=n, num_warps=warps, CAND=2 * _next_power_of_2(topk + n))
+        values = [int(x) for x in override.split(",")]
+        config.update(zip(("BLOCK_M", "BLOCK_N", "num_warps", "SEGMENT"), values))
+    config["CAND"] = _next_power_of_2(4 * topk + config["SEGMENT"] * config["BLOCK_N"])
     return config
 
 
-def backward_config(topk: int, head_dim: int) -> dict:
+def gather_config(topk: int, head_dim: int) -> dict:
+    """Rows per program of the output and backward kernels, which hold (rows, topk, head_dim) gathered tiles."""
     topk_p2 = max(16, _next_power_of_2(topk))
     block_d = max(16, _next_power_of_2(head_dim))
     block_r = max(1, min(16, 8192 // (topk_p2 * block_d)))
@@ -112,22 +116,34 @@ class TritonTopKAttention(torch.autograd.Function):
                 programs = min(num_tiles, 2)
             scratch_val = torch.empty(programs * block_m * cand, dtype=score_dtype, device=query.device)
             scratch_idx = torch.empty(programs * block_m * cand, dtype=torch.int32, device=query.device)
+            scratch_count = torch.empty(programs * block_m, dtype=torch.int32, device=query.device)
+            scratch_thresh = torch.empty(programs * block_m, dtype=score_dtype, device=query.device)
             has_pad = key_padding_mask is not None and not bool(key_padding_mask.all())
             pad = key_padding_mask.to(torch.uint8) if has_pad else scratch_idx
             pad_strides = _strides(pad) if has_pad else (0, 0)
             kernels.topk_forward_kernel[(programs,)](
-                query, key, value, pad, out, kept_index, lse, scratch_val, scratch_idx, params,
-                *_strides(query), *_strides(key), *_strides(value), *_strides(out), *pad_strides,
-                heads, heads // kv_heads, q_len, k_len, row_blocks, num_tiles,
-                k_len - q_len, seed,
+                query, key, pad, kept_index, lse, scratch_val, scratch_idx, scratch_count, scratch_thresh, params,
+                *_strides(query), *_strides(key), *pad_strides,
+                heads, heads // kv_heads, q_len, k_len, row_blocks, num_tiles, k_len - q_len,
                 TOPK=k, CAND=cand, HEAD_DIM=head_dim, BLOCK_D=max(16, _next_power_of_2(head_dim)),
-                BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
-                HAS_PAD=has_pad, CAUSAL=bool(causal), DROPOUT=dropout_p > 0,
+                BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], SEGMENT=config["SEGMENT"], GROUP=config["num_warps"],
+                HAS_PAD=has_pad, CAUSAL=bool(causal),
                 KEY_BITS=64 if query.dtype == torch.float64 else 32,
                 IEEE=query.dtype in (torch.float32, torch.float64),
                 DOT_UPCAST=query.device.type != "cuda" and query.dtype == torch.bfloat16,
                 num_warps=config["num_warps"], num_stages=config["num_stages"],
             )
+            rows_config = gather_config(k, head_dim)
+            kernels.topk_output_kernel[(triton_cdiv(q_len, rows_config["BLOCK_R"]), batch * heads)](
+                query, key, value, kept_index, lse, out, params,
+                *_strides(query), *_strides(key), *_strides(value), *_strides(out),
+                heads, heads // kv_heads, q_len, seed,
+                TOPK=k, TOPK_P2=rows_config["TOPK_P2"], HEAD_DIM=head_dim,
+                BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_R=rows_config["BLOCK_R"],
+                DROPOUT=dropout_p > 0, num_warps=rows_config["num_warps"],
+            )
+        else:
+            out.zero_()
         ctx.save_for_backward(query, key, value, kept_index, lse, params)
         ctx.config = (float(scale), float(dropout_p), seed)
         return out
@@ -148,7 +164,7 @@ class TritonTopKAttention(torch.autograd.Function):
         if q_len == 0 or k_len == 0:
             return grad_q.zero_(), grad_k, grad_v, None, None, None, None, None
 
-        config = backward_config(k, head_dim)
+        config = gather_config(k, head_dim)
         block_r = config["BLOCK_R"]
         work = compute_dtype(query.dtype)
         deterministic = torch.are_deterministic_algorithms_enabled()

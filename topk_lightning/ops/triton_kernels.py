@@ -1,22 +1,22 @@
 """Triton kernels for top-k attention (imported only by `topk_lightning.ops.triton_backend`).
 
-Forward, one program per tile of ``BLOCK_M`` query rows of one (batch, head), persistent over tiles::
+Forward selection (`topk_forward_kernel`), one program per tile of ``BLOCK_M`` query rows of one (batch, head),
+persistent over tiles::
 
     for each block of BLOCK_N keys:            (one pass over QK^T; scores never leave the chip)
         s = q @ k_block.T * scale, masked       tl.dot, fp32 accumulation (fp64 for fp64 inputs)
         append every s > threshold[row]         to the program's candidate buffer (CAND slots per row)
-        if a row's buffer could overflow:       compact: keep each row's TOPK largest, threshold = the k-th
-    compact a last time; softmax over the kept values; out = sum_j p_j v[idx_j]
+        every SEGMENT blocks, if a buffer could overflow: keep each row's TOPK largest, threshold = the k-th
+    select a last time; write the kept key indices and the log-sum-exp of their scores
 
 The threshold only ever rises to the k-th largest score seen so far, so an entry below it can never be in the
 final top k: the result is exactly the top-k of each row (ties broken towards the lower key index). Selection is
 by bisection over the scores' bit patterns (order-preserving integer keys), which needs no sort.
 
-Backward, one program per ``BLOCK_R`` query rows: recompute p_j = exp(q . k[idx_j] * scale - lse) for the kept
-entries only, then dS, dQ (stored) and dK, dV (atomically added, or written out for a deterministic reduction).
+Output (`topk_output_kernel`) and backward (`topk_backward_kernel`), one program per ``BLOCK_R`` query rows:
+recompute p_j = exp(q . k[idx_j] * scale - lse) for the kept entries only; the output is sum_j p_j v[idx_j];
+backward forms dS, stores dQ and adds dK, dV atomically (or writes dS out for a deterministic reduction).
 """
-
-from __future__ import annotations
 
 import triton
 import triton.language as tl
@@ -68,16 +68,16 @@ def _kth_largest_key(keys, valid, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _compact(val_ptrs, idx_ptrs, slots, count, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
-    """Keep each row's TOPK largest buffered candidates, moved to the front in their buffer order.
-
-    ``val_ptrs``/``idx_ptrs`` (R, CAND) address the buffer, ``count`` (R,) its filled slots. Returns the new
-    counts, the new thresholds (the k-th largest value, or -inf while a row holds fewer than TOPK entries), and,
-    for the final call, the buffer's values and key indices as read, which of them were kept and where they went.
-    """
+def _select_group(VAL, IDX_BUF, COUNT, THRESH, rows, slots, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Keep the TOPK largest buffered candidates of the buffer rows ``rows`` (one per warp), moved to the front of
+    each row in buffer order; counts and thresholds (the k-th largest value, or -inf while a row holds fewer than
+    TOPK entries) are written back to COUNT/THRESH. Returns the kept values, their key indices and new positions,
+    and the counts, for the final call's softmax."""
+    count = tl.load(COUNT + rows)
     valid = slots[None, :] < count[:, None]
-    values = tl.load(val_ptrs, mask=valid, other=float("-inf"))
-    index = tl.load(idx_ptrs, mask=valid, other=-1)
+    offsets = rows[:, None].to(tl.int64) * slots.shape[0] + slots[None, :]
+    values = tl.load(VAL + offsets, mask=valid, other=float("-inf"))
+    index = tl.load(IDX_BUF + offsets, mask=valid, other=-1)
     keys = _order_keys(values, KEY_BITS)
     kth = _kth_largest_key(keys, valid, TOPK, KEY_BITS)
     full = count >= TOPK
@@ -88,45 +88,47 @@ def _compact(val_ptrs, idx_ptrs, slots, count, TOPK: tl.constexpr, KEY_BITS: tl.
     keep = tl.where(full[:, None], keep, valid)
     position = tl.cumsum(keep.to(tl.int32), axis=1) - 1
     new_count = tl.sum(keep.to(tl.int32), axis=1)
-    threshold = tl.where(full, _key_to_value(kth, KEY_BITS), float("-inf")).to(values.dtype)
-    tl.debug_barrier()  # every thread has read the buffer before any entry moves
-    row_base = val_ptrs - slots[None, :]
-    tl.store(row_base + position, values, mask=keep)
-    tl.store(idx_ptrs - slots[None, :] + position, index, mask=keep)
-    tl.debug_barrier()
-    return new_count, threshold, values, index, keep, position
+    threshold = tl.where(full, _key_to_value(kth, KEY_BITS), float("-inf"))
+    tl.debug_barrier()  # every thread has read its rows before any entry moves
+    moved = rows[:, None].to(tl.int64) * slots.shape[0] + position
+    tl.store(VAL + moved, values, mask=keep)
+    tl.store(IDX_BUF + moved, index, mask=keep)
+    tl.store(COUNT + rows, new_count)
+    tl.store(THRESH + rows, threshold.to(values.dtype))
+    return values, index, keep, position, new_count
 
 
 @triton.jit
 def topk_forward_kernel(
-    Q, K, V, PAD, OUT, IDX, LSE, SCRATCH_VAL, SCRATCH_IDX, PARAMS,
+    Q, K, PAD, IDX, LSE, SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH, PARAMS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
     stride_pb, stride_pn,
-    heads, group, q_len, k_len, row_blocks, num_tiles,
-    causal_offset, seed,
+    heads, group, q_len, k_len, row_blocks, num_tiles, causal_offset,
     TOPK: tl.constexpr, CAND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENT: tl.constexpr, GROUP: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     KEY_BITS: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """Grid (programs,), persistent over the B * H * row_blocks tiles. PARAMS = [scale, dropout_p] in the score
-    dtype (fp64 for fp64 inputs, else fp32), as are SCRATCH_VAL and LSE."""
+    """Selection: each row's kept key indices (IDX, (B*H*Lq, TOPK), -1 past the row's count) and the log-sum-exp
+    of their scores (LSE). Grid (programs,), persistent over the B * H * row_blocks tiles. Each program owns
+    BLOCK_M rows of the SCRATCH_* buffers (CAND >= TOPK + SEGMENT * BLOCK_N slots per row, a count and a
+    threshold per row). PARAMS = [scale]
+    in the score dtype (fp64 for fp64 inputs, else fp32), as are SCRATCH_VAL, SCRATCH_THRESH and LSE.
+
+    The hot loop keeps only (BLOCK_M, BLOCK_N) tiles in registers; selection runs GROUP buffer rows at a time
+    (one row per warp) so that it never holds a (BLOCK_M, CAND) tile.
+    """
     SCORE_DTYPE = SCRATCH_VAL.dtype.element_ty
     scale = tl.load(PARAMS)
-    dropout_p = tl.load(PARAMS + 1)
     pid = tl.program_id(0)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     local = tl.arange(0, BLOCK_M)
     slots = tl.arange(0, CAND)
     keys_in_block = tl.arange(0, BLOCK_N)
-    # This program's candidate buffer: BLOCK_M rows of CAND (value, key index) slots, reused tile after tile.
-    buffer_offsets = (pid * BLOCK_M + local)[:, None].to(tl.int64) * CAND + slots[None, :]
-    val_ptrs = SCRATCH_VAL + buffer_offsets
-    idx_ptrs = SCRATCH_IDX + buffer_offsets
+    group_rows = tl.arange(0, GROUP)
+    buffer_rows = pid * BLOCK_M + local  # this program's rows of the scratch buffers, reused tile after tile
 
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         bh = tile // row_blocks
@@ -148,78 +150,115 @@ def topk_forward_kernel(
         key_end = k_len
         if CAUSAL:
             key_end = tl.minimum(k_len, row_block * BLOCK_M + BLOCK_M + causal_offset)
-        for start in range(0, key_end, BLOCK_N):
-            cols = start + keys_in_block
-            col_ok = cols < k_len
-            k_t = tl.load(
-                k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
-                mask=dim_ok[:, None] & col_ok[None, :], other=0.0,
-            )
-            if DOT_UPCAST:
-                k_t = k_t.to(tl.float32)
-            if IEEE:
-                scores = tl.dot(q, k_t, input_precision="ieee", out_dtype=SCORE_DTYPE)
-            else:
-                scores = tl.dot(q, k_t, out_dtype=SCORE_DTYPE)
-            scores = scores * scale
-            take = row_ok[:, None] & col_ok[None, :]
-            if HAS_PAD:
-                pad = tl.load(PAD + b * stride_pb + cols * stride_pn, mask=col_ok, other=0)
-                take = take & (pad != 0)[None, :]
-            if CAUSAL:
-                take = take & (cols[None, :] <= rows[:, None] + causal_offset)
-            take = take & (scores > threshold[:, None])
-            taken = tl.sum(take.to(tl.int32), axis=1)
-            if tl.max(taken, axis=0) > 0:
+        # Keys in segments of SEGMENT blocks: within one the loop only appends (no branches, so loads pipeline);
+        # between segments, rows whose buffer could not take another segment are selected down to TOPK.
+        for segment in range(0, key_end, SEGMENT * BLOCK_N):
+            for start in range(segment, tl.minimum(segment + SEGMENT * BLOCK_N, key_end), BLOCK_N):
+                cols = start + keys_in_block
+                col_ok = cols < k_len
+                k_t = tl.load(
+                    k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
+                    mask=dim_ok[:, None] & col_ok[None, :], other=0.0,
+                )
+                if DOT_UPCAST:
+                    k_t = k_t.to(tl.float32)
+                if IEEE:
+                    scores = tl.dot(q, k_t, input_precision="ieee", out_dtype=SCORE_DTYPE)
+                else:
+                    scores = tl.dot(q, k_t, out_dtype=SCORE_DTYPE)
+                scores = scores * scale
+                take = (scores > threshold[:, None]) & col_ok[None, :]
+                if HAS_PAD:
+                    pad = tl.load(PAD + b * stride_pb + cols * stride_pn, mask=col_ok, other=0)
+                    take = take & (pad != 0)[None, :]
+                if CAUSAL:
+                    take = take & (cols[None, :] <= rows[:, None] + causal_offset)
+                take = take & row_ok[:, None]
                 position = count[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
-                target = (pid * BLOCK_M + local)[:, None].to(tl.int64) * CAND + position
+                target = buffer_rows[:, None] * CAND + position  # int32: the buffers hold far fewer than 2**31
                 tl.store(SCRATCH_VAL + target, scores, mask=take)
                 tl.store(SCRATCH_IDX + target, cols[None, :] + position * 0, mask=take)
-                count += taken
-                if tl.max(count, axis=0) > CAND - BLOCK_N:
-                    tl.debug_barrier()
-                    count, threshold, _v, _i, _k, _p = _compact(val_ptrs, idx_ptrs, slots, count, TOPK, KEY_BITS)
+                count += tl.sum(take.to(tl.int32), axis=1)
+            if tl.max(count, axis=0) > CAND - SEGMENT * BLOCK_N:
+                tl.store(SCRATCH_COUNT + buffer_rows, count)
+                tl.debug_barrier()
+                for first in range(0, BLOCK_M, GROUP):
+                    _select_group(SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH,
+                                  pid * BLOCK_M + first + group_rows, slots, TOPK, KEY_BITS)
+                tl.debug_barrier()
+                count = tl.load(SCRATCH_COUNT + buffer_rows)
+                threshold = tl.load(SCRATCH_THRESH + buffer_rows)
 
-        # Final selection, softmax over the kept values, then out = sum_j w_j v[idx_j].
+        # Final selection, GROUP rows at a time: kept indices and the log-sum-exp of their scores.
+        tl.store(SCRATCH_COUNT + buffer_rows, count)
         tl.debug_barrier()
-        count, threshold, values, index, keep, position = _compact(val_ptrs, idx_ptrs, slots, count, TOPK, KEY_BITS)
-        # Rows with nothing to attend (count 0) get lse = -inf and no kept entries: zeros, never NaN.
-        row_max = tl.max(tl.where(keep, values, float("-inf")), axis=1)
-        safe_max = tl.where(count > 0, row_max, 0.0)
-        total = tl.sum(tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - safe_max[:, None]), 0.0), axis=1)
-        safe_lse = safe_max + tl.log(tl.where(count > 0, total, 1.0))
-        lse = tl.where(count > 0, safe_lse, float("-inf"))
-        weight = tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - safe_lse[:, None]), 0.0)
-        if DROPOUT:
-            offsets = rows[:, None] * TOPK + position
-            kept = tl.rand(seed + bh, offsets) >= dropout_p
-            weight = tl.where(kept, weight / (1.0 - dropout_p), 0.0)
-        row_slots = (bh * q_len + rows).to(tl.int64)
-        tl.store(LSE + row_slots, lse, mask=row_ok)
-        # Slots past a row's count keep the -1 the caller filled IDX with.
-        tl.store(IDX + row_slots[:, None] * TOPK + position, index, mask=keep & row_ok[:, None])
-        tl.store(val_ptrs - slots[None, :] + position, weight, mask=keep)
-        tl.debug_barrier()
-
-        v_base = V + b * stride_vb + kv * stride_vh
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=SCORE_DTYPE)
-        for j in range(0, TOPK):
-            present = row_ok & (j < count)
-            key_index = tl.load(IDX + row_slots * TOPK + j, mask=present, other=0)
-            w = tl.load(SCRATCH_VAL + (pid * BLOCK_M + local).to(tl.int64) * CAND + j, mask=present, other=0.0)
-            v_rows = tl.load(
-                v_base + key_index[:, None] * stride_vn + dims[None, :] * stride_vd,
-                mask=present[:, None] & dim_ok[None, :], other=0.0,
+        for first in range(0, BLOCK_M, GROUP):
+            rows_g = row_block * BLOCK_M + first + group_rows
+            values, index, keep, position, kept = _select_group(
+                SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH, pid * BLOCK_M + first + group_rows,
+                slots, TOPK, KEY_BITS,
             )
-            acc += w[:, None] * v_rows.to(SCORE_DTYPE)
-        tl.store(
-            OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
-            acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :],
-        )
+            # Rows with nothing to attend (kept 0) get lse = -inf and no kept entries: zeros, never NaN.
+            row_max = tl.where(kept > 0, tl.max(tl.where(keep, values, float("-inf")), axis=1), 0.0)
+            total = tl.sum(tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - row_max[:, None]), 0.0), axis=1)
+            lse = tl.where(kept > 0, row_max + tl.log(tl.where(kept > 0, total, 1.0)), float("-inf"))
+            rows_g_ok = rows_g < q_len
+            row_slots = (bh * q_len + rows_g).to(tl.int64)
+            tl.store(LSE + row_slots, lse, mask=rows_g_ok)
+            # Slots past a row's count keep the -1 the caller filled IDX with.
+            tl.store(IDX + row_slots[:, None] * TOPK + position, index, mask=keep & rows_g_ok[:, None])
         tl.debug_barrier()  # the buffer is reused by the next tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
+def topk_output_kernel(
+    Q, K, V, IDX, LSE, OUT, PARAMS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    heads, group, q_len, seed,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    """out = sum_j w_j v[idx_j] with w_j = exp(q . k[idx_j] * scale - lse), dropout applied: the probabilities are
+    recomputed from the kept indices rather than stored. Grid (query row blocks, batch x heads)."""
+    ACC = LSE.dtype.element_ty
+    scale = tl.load(PARAMS)
+    dropout_p = tl.load(PARAMS + 1)
+    row_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    kv = h // group
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < q_len
+    slots = tl.arange(0, TOPK_P2)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    row_slots = (bh * q_len + rows).to(tl.int64)
+    index = tl.load(IDX + row_slots[:, None] * TOPK + slots[None, :],
+                    mask=row_ok[:, None] & (slots < TOPK)[None, :], other=-1)
+    present = index >= 0
+    safe_index = tl.where(present, index, 0)
+    gather = present[:, :, None] & dim_ok[None, None, :]
+    lse = tl.load(LSE + row_slots, mask=row_ok, other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(ACC)
+    keys = tl.load(K + b * stride_kb + kv * stride_kh + safe_index[:, :, None] * stride_kn
+                   + dims[None, None, :] * stride_kd, mask=gather, other=0.0).to(ACC)
+    weight = tl.where(present, tl.exp(tl.sum(q[:, None, :] * keys, axis=2) * scale - lse[:, None]), 0.0)
+    if DROPOUT:
+        kept = tl.rand(seed + bh, rows[:, None] * TOPK + slots[None, :]) >= dropout_p
+        weight = tl.where(kept, weight / (1.0 - dropout_p), 0.0)
+    values = tl.load(V + b * stride_vb + kv * stride_vh + safe_index[:, :, None] * stride_vn
+                     + dims[None, None, :] * stride_vd, mask=gather, other=0.0).to(ACC)
+    out = tl.sum(weight[:, :, None] * values, axis=1)
+    tl.store(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+             out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
 def topk_backward_kernel(
     Q, K, V, DO, IDX, LSE, DQ, DK, DV, DS, W, PARAMS,
     stride_qb, stride_qh, stride_qm, stride_qd,
