@@ -38,12 +38,18 @@ def _assert_close_to_reference(kwargs, atol, inputs=None, **shape):
         torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("topk", [1, 5, 44, 45, 300])
+@pytest.mark.parametrize("topk", [1, 5, 44, 300])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
 def test_fp64_outputs_and_gradients_equal_dense_topk(topk, causal, padded):
     mask = _padding(2, 45) if padded else None
     _assert_close_to_reference(dict(topk=topk, causal=causal, key_padding_mask=mask), atol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_buffer_layout_equals_dense_topk(monkeypatch, causal):
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "32,32,4,2,buffer")
+    _assert_close_to_reference(dict(topk=5, causal=causal, key_padding_mask=_padding(2, 45)), atol=1e-10)
 
 
 @pytest.mark.parametrize(("q_len", "k_len"), [(1, 1), (3, 70), (70, 3), (65, 129)])
@@ -74,10 +80,12 @@ def test_half_precision_within_rounding_of_fp64(dtype):
         assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 2e-2
 
 
-def test_many_compactions_with_rising_scores_and_small_tiles(monkeypatch):
+@pytest.mark.parametrize("layout", ["stacks", "buffer"])
+def test_many_compactions_with_rising_scores_and_small_tiles(monkeypatch, layout):
     # Scores that rise along the keys make every key block beat the running threshold, so the candidate buffer
-    # fills and is compacted again and again; 16-key blocks make that happen every few blocks.
-    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "16,16,4")
+    # fills and is cut down again and again; 16-key blocks make that happen every few blocks. Both buffer
+    # layouts of the forward kernel (triton_backend.forward_config) are checked.
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", f"16,16,4,2,{layout}")
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 20, 8, generator=gen, dtype=torch.float64)
     ramp = torch.linspace(-3, 3, 400, dtype=torch.float64)[None, None, :, None]
@@ -88,7 +96,9 @@ def test_many_compactions_with_rising_scores_and_small_tiles(monkeypatch):
     _assert_close_to_reference(dict(topk=7, causal=True), atol=1e-10, inputs=inputs)
 
 
-def test_ties_keep_the_lowest_key_indices():
+@pytest.mark.parametrize("layout", ["stacks", "buffer"])
+def test_ties_keep_the_lowest_key_indices(monkeypatch, layout):
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", f"16,16,4,2,{layout}")
     # Integer scores with many ties at the k-th place: the kernels keep the earliest keys among equals.
     q = torch.ones(1, 1, 3, 96, dtype=torch.float64, device=DEVICE)
     levels = torch.tensor([1.0, 3.0, 2.0, 3.0, 3.0, 1.0, 3.0, 2.0] * 12, dtype=torch.float64)

@@ -28,7 +28,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 MAX_TOPK = 256
 # Resident programs of the forward kernel per streaming multiprocessor (registers allow two; more queue up).
-PROGRAMS_PER_SM = int(os.environ.get("TOPK_LIGHTNING_TRITON_PROGRAMS_PER_SM", "4"))
+PROGRAMS_PER_SM = int(os.environ.get("TOPK_LIGHTNING_TRITON_PROGRAMS_PER_SM", "2"))
 # fp32 dK/dV accumulators for half-precision inputs are filled this many bytes at a time (a group of kv heads).
 ACCUMULATOR_BUDGET_BYTES = 256 << 20
 
@@ -59,19 +59,25 @@ def _program_slots(device_index: int) -> int:
 
 
 def forward_config(topk: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes of the forward kernel.
+    """Tile sizes and buffer layout of the forward (selection) kernel.
 
     Keys stream in segments of SEGMENT blocks of BLOCK_N; after a segment, rows whose buffer could not take
-    another one are selected down to TOPK. The buffer (CAND slots) leaves room for about three TOPK of appends
-    beyond a segment, so that once the threshold is high a selection is rare. Selection works on one buffer row
-    per warp, so CAND does not raise the registers of the hot loop.
+    another one are cut to their TOPK largest entries. ``layout`` "stacks" (`topk_forward_stacks_kernel`) gives
+    every (row, lane) of a score tile its own stack of DEPTH slots: deep enough for the kept entries spread over
+    the lanes plus a segment, with room so that cuts are rare once the threshold is high. ``layout`` "buffer"
+    (`topk_forward_kernel`) appends to one CAND-slot buffer per row through a prefix sum.
     """
-    block_n = 64 if head_dim <= 128 else 32
-    config = {"BLOCK_M": 64, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 3, "SEGMENT": 2}
-    override = os.environ.get("TOPK_LIGHTNING_TRITON_FWD")  # "BLOCK_M,BLOCK_N,num_warps[,SEGMENT]": tuning only
+    # Measured on an H200 (benchmarks/tune_triton.py); checked for register spills with ptxas for D <= 128.
+    block_n = 64 if head_dim <= 64 else 32
+    config = {"BLOCK_M": 64, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 3, "SEGMENT": 2,
+              "layout": "stacks"}
+    override = os.environ.get("TOPK_LIGHTNING_TRITON_FWD")  # "BLOCK_M,BLOCK_N,num_warps,SEGMENT[,layout]"
     if override:
-        values = [int(x) for x in override.split(",")]
-        config.update(zip(("BLOCK_M", "BLOCK_N", "num_warps", "SEGMENT"), values))
+        fields = override.split(",")
+        config.update(zip(("BLOCK_M", "BLOCK_N", "num_warps", "SEGMENT"), (int(x) for x in fields[:4])))
+        if len(fields) > 4:
+            config["layout"] = fields[4]
+    config["DEPTH"] = -(-topk // config["BLOCK_N"]) + config["SEGMENT"] + 5
     config["CAND"] = _next_power_of_2(4 * topk + config["SEGMENT"] * config["BLOCK_N"])
     return config
 
@@ -107,32 +113,43 @@ class TritonTopKAttention(torch.autograd.Function):
 
         if q_len and k_len:
             config = forward_config(k, head_dim, query.dtype)
-            block_m, cand = config["BLOCK_M"], config["CAND"]
+            block_m = config["BLOCK_M"]
             row_blocks = triton_cdiv(q_len, block_m)
             num_tiles = batch * heads * row_blocks
             if query.device.type == "cuda":
                 programs = min(num_tiles, _program_slots(query.device.index or 0))
             else:  # the interpreter runs programs one after another
                 programs = min(num_tiles, 2)
-            scratch_val = torch.empty(programs * block_m * cand, dtype=score_dtype, device=query.device)
-            scratch_idx = torch.empty(programs * block_m * cand, dtype=torch.int32, device=query.device)
-            scratch_count = torch.empty(programs * block_m, dtype=torch.int32, device=query.device)
-            scratch_thresh = torch.empty(programs * block_m, dtype=score_dtype, device=query.device)
             has_pad = key_padding_mask is not None and not bool(key_padding_mask.all())
-            pad = key_padding_mask.to(torch.uint8) if has_pad else scratch_idx
-            pad_strides = _strides(pad) if has_pad else (0, 0)
-            kernels.topk_forward_kernel[(programs,)](
-                query, key, pad, kept_index, lse, scratch_val, scratch_idx, scratch_count, scratch_thresh, params,
-                *_strides(query), *_strides(key), *pad_strides,
-                heads, heads // kv_heads, q_len, k_len, row_blocks, num_tiles, k_len - q_len,
-                TOPK=k, CAND=cand, HEAD_DIM=head_dim, BLOCK_D=max(16, _next_power_of_2(head_dim)),
-                BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], SEGMENT=config["SEGMENT"], GROUP=config["num_warps"],
-                HAS_PAD=has_pad, CAUSAL=bool(causal),
+            pad = key_padding_mask.to(torch.uint8) if has_pad else kept_index
+            common = dict(
+                TOPK=k, HEAD_DIM=head_dim, BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_M=block_m,
+                BLOCK_N=config["BLOCK_N"], SEGMENT=config["SEGMENT"], HAS_PAD=has_pad, CAUSAL=bool(causal),
                 KEY_BITS=64 if query.dtype == torch.float64 else 32,
                 IEEE=query.dtype in (torch.float32, torch.float64),
                 DOT_UPCAST=query.device.type != "cuda" and query.dtype == torch.bfloat16,
                 num_warps=config["num_warps"], num_stages=config["num_stages"],
             )
+            shape_args = (*_strides(query), *_strides(key), *(_strides(pad) if has_pad else (0, 0)),
+                          heads, heads // kv_heads, q_len, k_len, row_blocks, num_tiles, k_len - q_len)
+            if config["layout"] == "stacks":
+                slots = programs * config["DEPTH"] * block_m * config["BLOCK_N"]
+                buffer_val = torch.empty(slots, dtype=score_dtype, device=query.device)
+                buffer_idx = torch.empty(slots, dtype=torch.int32, device=query.device)
+                kernels.topk_forward_stacks_kernel[(programs,)](
+                    query, key, pad, kept_index, lse, buffer_val, buffer_idx, params, *shape_args,
+                    DEPTH=config["DEPTH"], **common,
+                )
+            else:
+                slots = programs * block_m * config["CAND"]
+                scratch_val = torch.empty(slots, dtype=score_dtype, device=query.device)
+                scratch_idx = torch.empty(slots, dtype=torch.int32, device=query.device)
+                scratch_count = torch.empty(programs * block_m, dtype=torch.int32, device=query.device)
+                scratch_thresh = torch.empty(programs * block_m, dtype=score_dtype, device=query.device)
+                kernels.topk_forward_kernel[(programs,)](
+                    query, key, pad, kept_index, lse, scratch_val, scratch_idx, scratch_count, scratch_thresh,
+                    params, *shape_args, CAND=config["CAND"], GROUP=config["num_warps"], **common,
+                )
             rows_config = gather_config(k, head_dim)
             kernels.topk_output_kernel[(triton_cdiv(q_len, rows_config["BLOCK_R"]), batch * heads)](
                 query, key, value, kept_index, lse, out, params,

@@ -210,6 +210,195 @@ def topk_forward_kernel(
         tl.debug_barrier()  # the buffer is reused by the next tile
 
 
+@triton.jit
+def _stack_counts(VAL, IDX_BUF, base, tile, count, DEPTH: tl.constexpr, SLICE: tl.constexpr,
+                  KEY_BITS: tl.constexpr, TOPK: tl.constexpr):
+    """Rank the entries of the (BLOCK_M, BLOCK_N) column stacks: the k-th largest key of every row, and the key
+    index up to which entries tied with it are kept (lowest indices first). Everything is reduced along rows in
+    the layout of the loaded slices, so no step crosses warps."""
+    if KEY_BITS == 64:
+        low = tl.full([count.shape[0]], -9223372036854775808, tl.int64)
+        one = tl.full([count.shape[0]], 1, tl.int64)
+    else:
+        low = tl.full([count.shape[0]], -2147483648, tl.int32)
+        one = tl.full([count.shape[0]], 1, tl.int32)
+    held = tl.sum(count, axis=1)
+    non_negative = tl.zeros([count.shape[0]], dtype=tl.int32)
+    for d in range(0, DEPTH):
+        valid = d < count
+        values = tl.load(VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
+        non_negative += tl.sum((valid & (_order_keys(values, KEY_BITS) >= 0)).to(tl.int32), axis=1)
+    answer = tl.where(non_negative >= TOPK, low * 0, low)
+    for step in range(0, KEY_BITS - 1):
+        candidate = answer | (one << (KEY_BITS - 2 - step))
+        at_least = tl.zeros([count.shape[0]], dtype=tl.int32)
+        for d in range(0, DEPTH):
+            valid = d < count
+            values = tl.load(VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
+            at_least += tl.sum((valid & (_order_keys(values, KEY_BITS) >= candidate[:, None])).to(tl.int32), axis=1)
+        answer = tl.where(at_least >= TOPK, candidate, answer)
+    above = tl.zeros([count.shape[0]], dtype=tl.int32)
+    tied = tl.zeros([count.shape[0]], dtype=tl.int32)
+    for d in range(0, DEPTH):
+        valid = d < count
+        keys = _order_keys(tl.load(VAL + base + d * SLICE + tile, mask=valid, other=float("-inf")), KEY_BITS)
+        above += tl.sum((valid & (keys > answer[:, None])).to(tl.int32), axis=1)
+        tied += tl.sum((valid & (keys == answer[:, None])).to(tl.int32), axis=1)
+    full = held >= TOPK
+    room = TOPK - above
+    # Among entries tied at the k-th key keep the `room` lowest key indices: the room-th smallest index, bit by bit.
+    index_cut = tl.full([count.shape[0]], 2147483647, tl.int32)
+    if tl.max(tl.where(full, tied - room, 0), axis=0) > 0:
+        cut = tl.zeros([count.shape[0]], dtype=tl.int32)
+        for step in range(0, 31):
+            candidate = cut + (tl.full([count.shape[0]], 1, tl.int32) << (30 - step))
+            below = tl.zeros([count.shape[0]], dtype=tl.int32)
+            for d in range(0, DEPTH):
+                valid = d < count
+                keys = _order_keys(tl.load(VAL + base + d * SLICE + tile, mask=valid, other=float("-inf")), KEY_BITS)
+                index = tl.load(IDX_BUF + base + d * SLICE + tile, mask=valid, other=0)
+                below += tl.sum((valid & (keys == answer[:, None]) & (index < candidate[:, None])).to(tl.int32),
+                                axis=1)
+            cut = tl.where(below < room, candidate, cut)
+        index_cut = tl.where(tied > room, cut, index_cut)
+    return answer, index_cut, full
+
+
+@triton.jit
+def topk_forward_stacks_kernel(
+    Q, K, PAD, IDX, LSE, BUF_VAL, BUF_IDX, PARAMS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_pb, stride_pn,
+    heads, group, q_len, k_len, row_blocks, num_tiles, causal_offset,
+    TOPK: tl.constexpr, DEPTH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENT: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    KEY_BITS: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Selection, like `topk_forward_kernel`, with the candidate buffer laid out as column stacks.
+
+    Score (r, c) of every key block can only go to stack (r, c) (DEPTH slots), at the stack's own depth, so an
+    append is an elementwise store in the layout the scores come in: no prefix sum, no shared memory. After every
+    SEGMENT blocks, if a stack might overflow, each row is cut to its TOPK largest entries (bisection over the
+    loaded stack slices, reduced along rows only) and the kept entries are repacked evenly over the row's stacks.
+    BUF_* hold DEPTH slices of (BLOCK_M, BLOCK_N) per program.
+    """
+    SCORE_DTYPE = BUF_VAL.dtype.element_ty
+    SLICE: tl.constexpr = BLOCK_M * BLOCK_N
+    scale = tl.load(PARAMS)
+    pid = tl.program_id(0)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    local = tl.arange(0, BLOCK_M)
+    lanes = tl.arange(0, BLOCK_N)
+    tile = local[:, None] * BLOCK_N + lanes[None, :]
+    base = pid * (DEPTH * SLICE)
+
+    for tile_id in range(pid, num_tiles, tl.num_programs(0)):
+        bh = tile_id // row_blocks
+        row_block = tile_id % row_blocks
+        b = bh // heads
+        h = bh % heads
+        kv = h // group
+        rows = row_block * BLOCK_M + local
+        row_ok = rows < q_len
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+            mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+        )
+        if DOT_UPCAST:  # Triton's interpreter multiplies bfloat16 tiles wrongly; the GPU never takes this branch
+            q = q.to(tl.float32)
+        k_base = K + b * stride_kb + kv * stride_kh
+        count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        threshold = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
+        key_end = k_len
+        if CAUSAL:
+            key_end = tl.minimum(k_len, row_block * BLOCK_M + BLOCK_M + causal_offset)
+        for segment in range(0, key_end, SEGMENT * BLOCK_N):
+            for start in range(segment, tl.minimum(segment + SEGMENT * BLOCK_N, key_end), BLOCK_N):
+                cols = start + lanes
+                col_ok = cols < k_len
+                k_t = tl.load(
+                    k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
+                    mask=dim_ok[:, None] & col_ok[None, :], other=0.0,
+                )
+                if DOT_UPCAST:
+                    k_t = k_t.to(tl.float32)
+                if IEEE:
+                    scores = tl.dot(q, k_t, input_precision="ieee", out_dtype=SCORE_DTYPE)
+                else:
+                    scores = tl.dot(q, k_t, out_dtype=SCORE_DTYPE)
+                scores = scores * scale
+                take = (scores > threshold[:, None]) & col_ok[None, :] & row_ok[:, None]
+                if HAS_PAD:
+                    pad = tl.load(PAD + b * stride_pb + cols * stride_pn, mask=col_ok, other=0)
+                    take = take & (pad != 0)[None, :]
+                if CAUSAL:
+                    take = take & (cols[None, :] <= rows[:, None] + causal_offset)
+                slot = base + count * SLICE + tile
+                tl.store(BUF_VAL + slot, scores, mask=take)
+                tl.store(BUF_IDX + slot, cols[None, :] + count * 0, mask=take)
+                count += take.to(tl.int32)
+            if tl.max(tl.max(count, axis=1), axis=0) > DEPTH - SEGMENT:
+                tl.debug_barrier()  # appends by every thread are visible before the stacks are read
+                kth, index_cut, full = _stack_counts(BUF_VAL, BUF_IDX, base, tile, count, DEPTH, SLICE,
+                                                     KEY_BITS, TOPK)
+                # Repack the kept entries, in (depth, lane) order, to flat positions p -> slice p // BLOCK_N,
+                # lane p % BLOCK_N. A slice is only written once every thread has read it.
+                packed = tl.zeros([BLOCK_M], dtype=tl.int32)
+                for d in range(0, DEPTH):
+                    valid = d < count
+                    values = tl.load(BUF_VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
+                    index = tl.load(BUF_IDX + base + d * SLICE + tile, mask=valid, other=0)
+                    keys = _order_keys(values, KEY_BITS)
+                    keep = valid & ((keys > kth[:, None]) | ((keys == kth[:, None]) & (index <= index_cut[:, None])))
+                    keep = tl.where(full[:, None], keep, valid)
+                    position = packed[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+                    packed += tl.sum(keep.to(tl.int32), axis=1)
+                    target = base + (position // BLOCK_N) * SLICE + local[:, None] * BLOCK_N + position % BLOCK_N
+                    tl.debug_barrier()
+                    tl.store(BUF_VAL + target, values, mask=keep)
+                    tl.store(BUF_IDX + target, index, mask=keep)
+                tl.debug_barrier()
+                count = tl.maximum((packed[:, None] - lanes[None, :] + BLOCK_N - 1) // BLOCK_N, 0)
+                threshold = tl.where(full, _key_to_value(kth, KEY_BITS), threshold).to(SCORE_DTYPE)
+
+        # Final selection: the kept key indices, in (depth, lane) order, and the log-sum-exp of their scores.
+        tl.debug_barrier()
+        kth, index_cut, full = _stack_counts(BUF_VAL, BUF_IDX, base, tile, count, DEPTH, SLICE,
+                                             KEY_BITS, TOPK)
+        row_max = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
+        for d in range(0, DEPTH):
+            valid = d < count
+            values = tl.load(BUF_VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
+            index = tl.load(BUF_IDX + base + d * SLICE + tile, mask=valid, other=0)
+            keys = _order_keys(values, KEY_BITS)
+            keep = valid & ((keys > kth[:, None]) | ((keys == kth[:, None]) & (index <= index_cut[:, None])))
+            keep = tl.where(full[:, None], keep, valid)
+            row_max = tl.maximum(row_max, tl.max(tl.where(keep, values, float("-inf")), axis=1))
+        kept = tl.zeros([BLOCK_M], dtype=tl.int32)
+        total = tl.zeros([BLOCK_M], dtype=SCORE_DTYPE)
+        safe_max = tl.where(row_max > float("-inf"), row_max, 0.0)
+        row_slots = (bh * q_len + rows).to(tl.int64)
+        for d in range(0, DEPTH):
+            valid = d < count
+            values = tl.load(BUF_VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
+            index = tl.load(BUF_IDX + base + d * SLICE + tile, mask=valid, other=0)
+            keys = _order_keys(values, KEY_BITS)
+            keep = valid & ((keys > kth[:, None]) | ((keys == kth[:, None]) & (index <= index_cut[:, None])))
+            keep = tl.where(full[:, None], keep, valid)
+            position = kept[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+            kept += tl.sum(keep.to(tl.int32), axis=1)
+            total += tl.sum(tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - safe_max[:, None]), 0.0), axis=1)
+            # Slots past a row's count keep the -1 the caller filled IDX with.
+            tl.store(IDX + row_slots[:, None] * TOPK + position, index, mask=keep & row_ok[:, None])
+        # Rows with nothing to attend (kept 0) get lse = -inf and no kept entries: zeros, never NaN.
+        lse = tl.where(kept > 0, safe_max + tl.log(tl.where(kept > 0, total, 1.0)), float("-inf"))
+        tl.store(LSE + row_slots, lse, mask=row_ok)
+        tl.debug_barrier()  # the stacks are reused by the next tile
+
+
 @triton.jit(do_not_specialize=["seed"])
 def topk_output_kernel(
     Q, K, V, IDX, LSE, OUT, PARAMS,
