@@ -188,3 +188,26 @@ def test_bad_shapes_and_dtypes_raise_value_errors():
         topk_attention(q[0], k, v, topk=2)
     with pytest.raises(ValueError, match="same shape"):
         topk_attention(q, k, v[:, :, :5], topk=2)
+
+
+def test_score_tiles_follow_the_device_budget_and_the_chunk_bound(monkeypatch):
+    from topk_lightning.ops import torch_backend
+
+    scores = torch.empty(0, dtype=torch.float32)  # only its device and element size matter
+    monkeypatch.delenv(torch_backend.SCORE_BUDGET_ENV, raising=False)
+    cpu_elements = torch_backend.SCORE_BUDGET_BYTES["cpu"] // 4
+    assert torch_backend.rows_per_tile(1, 12, 8192, 1024, scores) == cpu_elements // (12 * 8192)
+    assert torch_backend.rows_per_tile(1, 12, 64, 100, scores) == 100  # query_chunk_size stays the upper bound
+    assert torch_backend.rows_per_tile(4, 12, 1 << 20, 1024, scores) == 1  # never fewer than one row
+    monkeypatch.setenv(torch_backend.SCORE_BUDGET_ENV, "1")
+    assert torch_backend.rows_per_tile(1, 1, 1024, 4096, scores) == (1 << 20) // 4 // 1024
+    monkeypatch.setenv(torch_backend.SCORE_BUDGET_ENV, "lots")
+    with pytest.raises(ValueError, match="TOPK_LIGHTNING_SCORE_BUDGET_MB must be a positive number of MiB, got 'lots'"):
+        torch_backend.rows_per_tile(1, 1, 1024, 4096, scores)
+
+
+def test_small_score_budget_gives_the_same_result(monkeypatch):
+    q, k, v = _inputs(q_len=40, k_len=50)
+    expected = topk_attention(q, k, v, topk=5)
+    monkeypatch.setenv("TOPK_LIGHTNING_SCORE_BUDGET_MB", "0.001")  # ~2 rows per tile
+    torch.testing.assert_close(topk_attention(q, k, v, topk=5), expected, atol=1e-12, rtol=0)
