@@ -22,9 +22,6 @@ ALLOWED = {
     "__init__": {"ops", "patching"},
 }
 
-#: private names still shared inside ops/, which is being rewritten separately (Triton kernels); drop when done
-PENDING = {("ops/feedforward.py", "_compute_dtype"), ("ops/feedforward.py", "_select_topk")}
-
 
 def _layer(path: Path) -> str:
     relative = path.relative_to(PACKAGE)
@@ -66,5 +63,5 @@ def test_no_private_names_across_files(path):
     relative = str(path.relative_to(PACKAGE))
     for module, names in _project_imports(path):
         for name in names:
-            if name.startswith("_") and (relative, name) not in PENDING:
+            if name.startswith("_"):
                 pytest.fail(f"{relative} imports the private name {name} from {module}: make it a public helper")

@@ -70,6 +70,29 @@ def test_small_topk_matches_a_dense_topk_reference_with_gradients(family, topk):
     _assert_same_gradients(grads, reference_grads)
 
 
+@pytest.mark.parametrize("ff_topk", [None, 24])
+def test_backends_agree_through_the_bridge_in_training_mode(ff_topk):
+    # The Triton kernels (Triton's interpreter without a GPU) and the PyTorch backend compute the same model,
+    # dropout aside: a tiny BERT in train mode with dropout off, small k, padding, a randomly weighted loss.
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = tiny_model("bert", attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0).to(device).train()
+    batch = {name: t.to(device) for name, t in padded_batch("bert").items()}
+    weight = torch.randn(2, SEQ_LEN, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    results = {}
+    for backend in ("torch", "triton"):
+        model = apply_topk(copy.deepcopy(base), TopKConfig(topk=3, ff_topk=ff_topk, backend=backend))
+        loss = (hidden(model, batch) * weight * batch["attention_mask"][..., None]).sum()
+        loss.backward()
+        results[backend] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (loss_t, grads_t), (loss_k, grads_k) = results["torch"], results["triton"]
+    torch.testing.assert_close(loss_k, loss_t, atol=1e-4, rtol=1e-5)
+    assert grads_k.keys() == grads_t.keys()
+    assert any(".key." in name for name in grads_k)
+    for name in grads_t:
+        torch.testing.assert_close(grads_k[name], grads_t[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
 def test_small_topk_differs(family):
     model = tiny_model(family)
     batch = padded_batch(family)

@@ -33,6 +33,7 @@ def test_keyword_only():
         ({"layers": [0, -1]}, r"TopKConfig.layers must hold ints >= 0 .* got -1"),
         ({"layers": [1, 1]}, r"TopKConfig.layers must not repeat an index, got \[1, 1\]"),
         ({"layers": []}, r"TopKConfig.layers must be None \(all layers\) or a non-empty list"),
+        ({"backend": "cuda"}, r"TopKConfig.backend must be one of 'auto', 'torch', 'triton', got 'cuda'"),
     ],
 )
 def test_invalid_values_name_the_argument(kwargs, message):

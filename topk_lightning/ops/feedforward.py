@@ -17,7 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from topk_lightning.ops.sparse_rows import TransposedPattern, sampled_dot, weighted_row_sum
-from topk_lightning.ops.topk_attention import _compute_dtype, _select_topk
+from topk_lightning.ops.torch_backend import compute_dtype, select_topk
 
 # Hidden pre-activations are produced this many elements at a time (a tile of tokens x d_ff).
 _TILE_ELEMENTS = 1 << 22
@@ -92,7 +92,7 @@ def _activation_and_slope(activation, pre: torch.Tensor) -> tuple[torch.Tensor, 
 class _TopKFeedForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_in, b_in, w_out, b_out, w_gate, b_gate, k, activation):
-        work = _compute_dtype(x.dtype)
+        work = compute_dtype(x.dtype)
         gated = w_gate is not None
         w_select, b_select = (w_gate, b_gate) if gated else (w_in, b_in)
         tokens, d_model = x.shape
@@ -110,7 +110,7 @@ class _TopKFeedForward(torch.autograd.Function):
             pre = x[start:stop] @ w_select.t()
             if b_select is not None:
                 pre += b_select
-            values, picked = _select_topk(pre, k)
+            values, picked = select_topk(pre, k)
             del pre
             values = values.to(work)
             coeff = activation(values)

@@ -89,7 +89,8 @@ def apply_topk(model: PreTrainedModel, config: TopKConfig | None = None) -> PreT
     for index, layer in enumerate(layers):
         if config.topk is not None:
             settings = LayerAttention(
-                topk=config.topk if index in chosen else None, query_chunk_size=config.query_chunk_size
+                topk=config.topk if index in chosen else None, query_chunk_size=config.query_chunk_size,
+                backend=config.backend,
             )
             for module in family.attention_modules(layer):
                 setattr(module, LAYER_SETTINGS_ATTR, settings)

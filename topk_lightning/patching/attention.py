@@ -44,14 +44,18 @@ class LayerAttention:
     Args:
         topk: keys kept per query; ``None`` means exact attention (torch SDPA with the padding mask).
         query_chunk_size: queries whose scores are materialised at once (see `TopKConfig`).
+        backend: the `topk_attention` backend (see `TopKConfig`).
     """
 
     topk: int | None
     query_chunk_size: int
+    backend: str = "auto"
 
 
 _DEFAULTS = TopKConfig()
-DEFAULT_LAYER_ATTENTION = LayerAttention(topk=_DEFAULTS.topk, query_chunk_size=_DEFAULTS.query_chunk_size)
+DEFAULT_LAYER_ATTENTION = LayerAttention(
+    topk=_DEFAULTS.topk, query_chunk_size=_DEFAULTS.query_chunk_size, backend=_DEFAULTS.backend
+)
 
 
 def key_padding_mask(
@@ -215,6 +219,7 @@ def topk_attention_forward(
             scale=scaling,
             dropout_p=dropout,
             causal=causal,
+            backend=settings.backend,
         )
     return output.transpose(1, 2).contiguous(), None
 

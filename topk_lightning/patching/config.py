@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from topk_lightning.errors import InputError
+from topk_lightning.ops import BACKENDS
 
 
 def _check_positive_int(name: str, value: object, *, optional: bool) -> None:
@@ -33,6 +35,8 @@ class TopKConfig:
         layers: indices of the layers to patch, 0-based; ``None`` patches all of them. Attention in the other layers
             stays exact. For ALBERT, whose layers share weights across depth, the indices refer to the distinct
             (weight-owning) layer modules, not to depth; see `apply_topk`.
+        backend: which implementation of `topk_lightning.ops.topk_attention` runs: ``"auto"`` (Triton kernels on
+            CUDA where they apply, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
     """
 
     topk: int | None = 64
@@ -40,8 +44,13 @@ class TopKConfig:
     ff_chunk_size: int | None = None
     ff_topk: int | None = None
     layers: list[int] | None = None
+    backend: Literal["auto", "torch", "triton"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InputError(
+                f"TopKConfig.backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.backend!r}"
+            )
         _check_positive_int("topk", self.topk, optional=True)
         _check_positive_int("query_chunk_size", self.query_chunk_size, optional=False)
         _check_positive_int("ff_chunk_size", self.ff_chunk_size, optional=True)
