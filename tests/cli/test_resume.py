@@ -61,16 +61,19 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_p
         torch.testing.assert_close(value, expected[name], msg=name)
 
 
+@pytest.mark.parametrize("first_steps", [2, 3], ids=["mid-epoch", "end-of-epoch"])
 def test_a_finished_run_resumed_with_more_steps_follows_the_longer_schedule(tmp_path, tiny_bert, qa_files,
-                                                                           uninterrupted):
-    build_cli(run_args(tiny_bert, qa_files, tmp_path / "first", "--trainer.max_steps=2"))
+                                                                           uninterrupted, first_steps):
+    build_cli(run_args(tiny_bert, qa_files, tmp_path / "first", f"--trainer.max_steps={first_steps}"))
     (last,) = (tmp_path / "first").rglob("last.ckpt")
     resumed = build_cli(run_args(tiny_bert, qa_files, tmp_path / "second", "--trainer.max_steps=4",
                                  f"--ckpt_path={last}"))
     rows = callback(resumed, RecordTraining).rows
-    assert [step for step, _, _ in rows] == [2, 3]
-    # the 2-step run had decayed its learning rate to 0; from step 2 on the 4-step schedule applies
+    steps = list(range(first_steps, 4))
+    assert [step for step, _, _ in rows] == steps
+    # the shorter run had decayed its learning rate to 0; from its last step on the 4-step schedule applies
     assert [lr for _, lr, _ in rows] == pytest.approx([1e-3 * linear_warmup_decay(s, warmup_steps=0, total_steps=4)
-                                                       for s in (2, 3)])
-    # and the data continues with the batches an uninterrupted run sees at steps 3 and 4
-    assert [batch for _, _, batch in rows] == [batch for _, _, batch in callback(uninterrupted, RecordTraining).rows[2:]]
+                                                       for s in steps])
+    # and the data continues with the batches an uninterrupted run sees (the rest of epoch 0, or epoch 1)
+    reference = callback(uninterrupted, RecordTraining).rows
+    assert [batch for _, _, batch in rows] == [batch for _, _, batch in reference[first_steps:]]
