@@ -162,6 +162,7 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_gradients(t
         ({"query_chunk_size": 0}, r"query_chunk_size must be an int >= 1, got 0"),
         ({"ff_chunk_size": 0}, r"ff_chunk_size must be None or an int >= 1, got 0"),
         ({"topk_layers": [1, 1]}, r"topk_layers must not repeat an index"),  # the module's name, not TopKConfig's
+        ({"attention_backend": "cuda"}, r"attention_backend must be one of 'auto', 'torch', 'triton', got 'cuda'"),
         ({"max_positions": 0}, r"max_positions must be >= 1 or None, got 0"),
         ({"warmup_ratio": 1.5}, r"warmup_ratio must be in \[0, 1\], got 1.5"),
     ],
@@ -178,10 +179,12 @@ def test_unknown_backbone_is_an_input_error(tmp_path):
 
 def test_topk_config_is_built_once_from_the_options(tiny_bert):
     module = ExtractiveQAModule(backbone=tiny_bert, topk=5, query_chunk_size=7, ff_chunk_size=9, ff_topk=11,
-                                topk_layers=[1])
-    assert module.topk_config == TopKConfig(topk=5, query_chunk_size=7, ff_chunk_size=9, ff_topk=11, layers=[1])
+                                topk_layers=[1], attention_backend="torch")
+    assert module.topk_config == TopKConfig(topk=5, query_chunk_size=7, ff_chunk_size=9, ff_topk=11, layers=[1],
+                                            backend="torch")
     settings = [getattr(m, LAYER_SETTINGS_ATTR) for m in module.backbone.modules() if hasattr(m, LAYER_SETTINGS_ATTR)]
     assert [s.topk for s in settings] == [None, 5]  # exact attention in layer 0, k=5 in layer 1
+    assert {s.backend for s in settings} == {"torch"}
     dense = ExtractiveQAModule(backbone=tiny_bert, attention="eager", topk=5, ff_chunk_size=9)
     assert dense.topk_config.topk is None and dense.topk_config.ff_chunk_size == 9
 

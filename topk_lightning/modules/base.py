@@ -52,6 +52,7 @@ TOPK_CONFIG_OPTIONS = {
     "ff_chunk_size": "ff_chunk_size",
     "ff_topk": "ff_topk",
     "topk_layers": "layers",
+    "attention_backend": "backend",
 }
 _TOPK_DEFAULTS = TopKConfig()
 
@@ -114,6 +115,8 @@ class TopKTransformerModule(LightningModule):
             (exact, saves memory); ``None`` = off. Applied with either attention.
         ff_topk: keep this many hidden units per token in feed-forward layers (approximate); ``None`` = dense.
         topk_layers: indices of the layers to patch (``TopKConfig.layers``); ``None`` = all.
+        attention_backend: implementation of top-k attention (``TopKConfig.backend``): ``"auto"`` runs the Triton
+            kernels on CUDA GPUs and PyTorch elsewhere; ``"torch"`` or ``"triton"`` force one.
         max_positions: extend learned absolute position embeddings to this many positions when it exceeds the
             pretrained table (copies of the learned table, as Longformer); ``None`` or smaller = unchanged.
         gradient_checkpointing: recompute each layer in backward (transformers' non-reentrant checkpointing).
@@ -140,6 +143,7 @@ class TopKTransformerModule(LightningModule):
         ff_chunk_size: int | None = _TOPK_DEFAULTS.ff_chunk_size,
         ff_topk: int | None = _TOPK_DEFAULTS.ff_topk,
         topk_layers: list[int] | None = _TOPK_DEFAULTS.layers,
+        attention_backend: Literal["auto", "torch", "triton"] = _TOPK_DEFAULTS.backend,
         max_positions: int | None = None,
         gradient_checkpointing: bool = False,
         tokenizer: str | None = None,
