@@ -6,7 +6,8 @@ the kept entries, so memory is O(L * k) rather than O(L^2). Two implementations 
 - ``"triton"`` (`triton_backend`): fused kernels for CUDA GPUs. One pass over QK^T selects each row's top k while
   the scores stay on chip; backward recomputes the kept probabilities and scatters dK/dV.
 - ``"torch"`` (`torch_backend`): plain PyTorch on any device, score tiles sized to the device (cache-sized on a CPU,
-  large on a GPU). The reference for the kernels, and the only backend that takes an additive ``bias``.
+  large on a GPU). The reference for the kernels, and the only backend that takes an additive ``bias`` or a T5
+  relative ``position_bias``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from topk_lightning.ops.relative_bias import RelativePositionBias, check_position_bias
 from topk_lightning.ops.torch_backend import TorchTopKAttention
 
 Backend = Literal["auto", "torch", "triton"]
@@ -35,6 +37,7 @@ def topk_attention(
     dropout_p: float = 0.0,
     causal: bool = False,
     backend: Backend = "auto",
+    position_bias: RelativePositionBias | None = None,
 ) -> torch.Tensor:
     """Softmax attention over the ``topk`` highest-scoring keys of every query, in memory linear in length.
 
@@ -50,6 +53,10 @@ def topk_attention(
         bias: optional additive float tensor broadcastable to (B, H, Lq, Lk); sliced per query tile, never
             expanded. Gets a gradient (at the kept entries) when it requires one. PyTorch backend only: with a
             bias, ``"auto"`` runs the PyTorch backend.
+        position_bias: optional T5 relative position bias, described by its bucket embedding and bucketing
+            parameters (`relative_bias.RelativePositionBias`) and computed one score tile at a time, never as
+            (Lq, Lk); added to ``bias`` if both are given. Its embedding gets a gradient through the kept entries.
+            PyTorch backend only: with it, ``"auto"`` runs the PyTorch backend.
         scale: score multiplier, default D ** -0.5.
         dropout_p: dropout on the kept probabilities (training only: pass 0.0 at evaluation).
         causal: query i sees keys j <= i + (Lk - Lq).
@@ -65,6 +72,8 @@ def topk_attention(
         the k-th place, the Triton backend keeps the lowest key indices; PyTorch's choice among ties is unspecified.
     """
     _check_arguments(query, key, value, topk, query_chunk_size, key_padding_mask, bias, dropout_p)
+    if position_bias is not None:
+        check_position_bias(position_bias, query)
     if scale is None:
         scale = query.shape[-1] ** -0.5
     device_type = query.device.type
@@ -75,23 +84,32 @@ def topk_attention(
             bias = bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
             return _dispatch(query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p,
-                             causal, backend)
+                             causal, backend, position_bias)
     return _dispatch(query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal,
-                     backend)
+                     backend, position_bias)
 
 
-def _dispatch(query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal, backend):
-    if resolve_backend(backend, query, key, topk=topk, bias=bias) == "triton":
+def _dispatch(query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal, backend,
+              position_bias):
+    if resolve_backend(backend, query, key, topk=topk, bias=bias, position_bias=position_bias) == "triton":
         from topk_lightning.ops.triton_backend import TritonTopKAttention
 
         return TritonTopKAttention.apply(query, key, value, key_padding_mask, topk, scale, dropout_p, causal)
+    relative_weight = None if position_bias is None else position_bias.weight
     return TorchTopKAttention.apply(
-        query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal
+        query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal, relative_weight,
+        position_bias,
     )
 
 
 def resolve_backend(
-    backend: str, query: torch.Tensor, key: torch.Tensor, *, topk: int, bias: torch.Tensor | None = None
+    backend: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    topk: int,
+    bias: torch.Tensor | None = None,
+    position_bias: RelativePositionBias | None = None,
 ) -> str:
     """The backend that ``topk_attention(..., backend=backend)`` runs for these arguments: "torch" or "triton".
 
@@ -106,7 +124,7 @@ def resolve_backend(
     if reason is None:
         from topk_lightning.ops.triton_backend import unsupported_reason
 
-        reason = unsupported_reason(query, key, topk=topk, bias=bias)
+        reason = unsupported_reason(query, key, topk=topk, bias=bias, position_bias=position_bias)
     if reason is None:
         return "triton"
     if backend == "triton":

@@ -3,6 +3,7 @@
 Forward, per tile of query rows::
 
     scores = (q * scale) @ k.T + bias + masks      (B, H, rows, Lk)   the only dense block, one tile at a time
+                                                    (a lazy T5 relative bias is computed per tile: `relative_bias`)
     vals, idx = top-k of every row                  (B, H, rows, k)
     p = softmax(vals)                                fp32
     out = sum_j p_j * v[idx_j]                       one embedding_bag call, no gathered copy of v
@@ -15,9 +16,10 @@ Backward, per group of heads::
     ds_j  = p_j * (dp_j - sum_l p_l dp_l)             softmax backward on k entries
     dq    = scale * sum_j ds_j k[idx_j]               embedding_bag
     dk, dv                                            embedding_bag over the transposed pattern (keys sorted)
+    d(relative bias embedding)                        ds_j summed per distance, then per bucket
 
 Runs on any device. On CUDA the Triton backend (`triton_backend`) is faster; this one is the reference for it and
-the fallback for what it does not cover (an additive ``bias``).
+the fallback for what it does not cover (an additive ``bias``, a relative ``position_bias``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 
 import torch
 
+from topk_lightning.ops.relative_bias import bias_by_distance, embedding_grad, tile_bias
 from topk_lightning.ops.sparse_rows import TransposedPattern, sampled_dot, weighted_row_sum
 
 # Bytes of scores materialised per tile, by device type. On a CPU the block written by the matmul should still be
@@ -93,10 +96,15 @@ def rows_per_tile(batch: int, heads: int, k_len: int, query_chunk_size: int, sco
 
 
 class TorchTopKAttention(torch.autograd.Function):
-    """Autograd function of the PyTorch backend; arguments as `topk_attention`, already checked."""
+    """Autograd function of the PyTorch backend; arguments as `topk_attention`, already checked.
+
+    A relative ``position_bias`` comes as its `RelativePositionBias` plus, as ``relative_weight``, its embedding
+    (so that autograd sees the tensor it differentiates).
+    """
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal):
+    def forward(ctx, query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal,
+                relative_weight=None, position_bias=None):
         batch, heads, q_len, head_dim = query.shape
         kv_heads, k_len = key.shape[1], key.shape[2]
         group = heads // kv_heads
@@ -124,6 +132,10 @@ class TorchTopKAttention(torch.autograd.Function):
             padding_bias = torch.zeros(batch, 1, 1, k_len, dtype=query.dtype, device=query.device)
             padding_bias.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
 
+        relative_table = None
+        if position_bias is not None:
+            relative_table = bias_by_distance(position_bias, position_bias.distance_buckets(q_len, k_len), query.dtype)
+
         tile = rows_per_tile(batch, heads, k_len, query_chunk_size, query)
         for start in range(0, q_len, tile):
             stop = min(start + tile, q_len)
@@ -133,6 +145,8 @@ class TorchTopKAttention(torch.autograd.Function):
             scores = torch.matmul(q_tile, key_t).view(batch, heads, rows, k_len)
             if bias is not None:
                 scores += bias[..., start:stop, :] if bias.dim() >= 2 and bias.shape[-2] != 1 else bias
+            if relative_table is not None:
+                scores += tile_bias(relative_table, start, stop, q_len, k_len)
             if padding_bias is not None:
                 scores += padding_bias
             if causal:
@@ -152,6 +166,7 @@ class TorchTopKAttention(torch.autograd.Function):
 
         ctx.save_for_backward(query, key, value, kept_index, kept_prob, dropped, bias)
         ctx.config = (scale, dropout_p)
+        ctx.position_bias = position_bias
         return out
 
     @staticmethod
@@ -164,6 +179,7 @@ class TorchTopKAttention(torch.autograd.Function):
         k = kept_index.shape[-1]
         work_dtype = kept_prob.dtype
         need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
+        need_relative = ctx.position_bias is not None and ctx.needs_input_grad[10]
 
         # Contiguous buffers (inputs are often transposed views), filled slab by slab through .view().
         grad_q = query.new_zeros(query.shape) if need_q else None
@@ -174,6 +190,12 @@ class TorchTopKAttention(torch.autograd.Function):
             grad_bias_full = torch.zeros(
                 torch.broadcast_shapes(bias.shape, (batch, heads, q_len, k_len)), dtype=work_dtype, device=bias.device
             )
+        if need_relative:
+            # Kept entry (query i, key j) of head h adds its score gradient to distance j - i (index j - i + Lq - 1).
+            distances = q_len + k_len - 1
+            grad_by_distance = torch.zeros(heads * distances, dtype=work_dtype, device=query.device)
+            distance_of_row = (q_len - 1) - torch.arange(q_len, device=query.device)[:, None]
+            head_in_group = torch.arange(group, device=query.device)[:, None, None]
 
         # One slab = one (batch, kv head) with its `group` query heads: (B*Hkv, group*Lq, ...) views.
         slabs = batch * kv_heads
@@ -222,11 +244,21 @@ class TorchTopKAttention(torch.autograd.Function):
             if need_bias:
                 # Slabs are (b, kv head) and their rows (group head, query): the same order as (B, H, Lq).
                 grad_bias_full.view(slabs, rows_per_slab, k_len)[first:last].scatter_add_(-1, index, grad_s)
+            if need_relative:
+                # Slab s holds query heads (s % Hkv) * group + g, g < group, each over all Lq rows.
+                first_head = (torch.arange(first, last, device=index.device) % kv_heads) * group
+                head = first_head[:, None, None, None] + head_in_group
+                target = head * distances + (index.view(n, group, q_len, k) + distance_of_row)
+                grad_by_distance.index_add_(0, target.view(-1), grad_s.reshape(-1))
 
         grad_bias = None
         if need_bias:
             grad_bias = _reduce_to_shape(grad_bias_full, bias.shape).to(bias.dtype)
-        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, None
+        grad_relative = None
+        if need_relative:
+            buckets = ctx.position_bias.distance_buckets(q_len, k_len)  # O(L): recomputed rather than saved
+            grad_relative = embedding_grad(ctx.position_bias, buckets, grad_by_distance.view(heads, -1))
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, None, grad_relative, None
 
 
 def _reduce_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:

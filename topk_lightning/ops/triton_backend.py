@@ -34,11 +34,13 @@ ACCUMULATOR_BUDGET_BYTES = 256 << 20
 
 
 def unsupported_reason(
-    query: torch.Tensor, key: torch.Tensor, *, topk: int, bias: torch.Tensor | None = None
+    query: torch.Tensor, key: torch.Tensor, *, topk: int, bias: torch.Tensor | None = None, position_bias=None
 ) -> str | None:
     """Why the kernels cannot take these arguments, or None when they can."""
     if bias is not None:
         return "an additive bias is supported by the PyTorch backend only"
+    if position_bias is not None:
+        return "a relative position_bias is supported by the PyTorch backend only"
     if query.dtype not in SUPPORTED_DTYPES:
         return f"dtype {query.dtype} is not supported (float16, bfloat16, float32, float64)"
     if query.shape[-1] > MAX_HEAD_DIM:
