@@ -38,7 +38,8 @@ def _backward_and_grads(model, batch):
 
 def _assert_same_gradients(grads, reference_grads):
     assert sorted(grads) == sorted(reference_grads)  # the same parameters receive gradients
-    assert any(".query." in name or "q_lin" in name for name in grads), "no gradient reached the attention"
+    projections = (".query.", "q_lin", "Attention.q.")  # BERT-like, DistilBERT, T5
+    assert any(q in name for name in grads for q in projections), "no gradient reached the attention"
     for name, grad in grads.items():
         assert torch.isfinite(grad).all(), name
         torch.testing.assert_close(grad, reference_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -65,7 +65,10 @@ def apply_topk(model: PreTrainedModel, config: TopKConfig | None = None) -> PreT
     ``config.layers`` indexes the model's layer modules: ``encoder.layer`` for BERT / RoBERTa / XLM-R / ELECTRA,
     ``transformer.layer`` for DistilBERT. ALBERT shares weights across depth: it indexes the distinct weight-owning
     ``AlbertLayer`` modules (``num_hidden_groups * inner_group_num`` of them, group by group; just one, index 0,
-    with the default config), and a chosen module runs top-k at every depth that reuses it.
+    with the default config), and a chosen module runs top-k at every depth that reuses it. T5 / MT5 / UMT5: the
+    blocks of the encoder, then those of the decoder (``encoder.block + decoder.block``); a chosen decoder block runs
+    top-k in its causal self-attention and its cross-attention. Their relative position bias reaches top-k attention
+    as a description, computed per score tile (`topk_lightning.patching.relative_bias`).
 
     Raises:
         TypeError / ValueError: the model is not a supported architecture (the message names its class), or a
