@@ -39,7 +39,8 @@ from topk_lightning.patching import TopKConfig, apply_topk, extend_position_embe
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TopKTransformerModule", "default_backbone", "linear_warmup_decay", "parameter_groups"]
+__all__ = ["ENCODER_ONLY_CLASSES", "TopKTransformerModule", "default_backbone", "linear_warmup_decay",
+           "parameter_groups"]
 
 Attention = Literal["topk", "sdpa", "eager"]
 ATTENTIONS = ("topk", "sdpa", "eager")
@@ -55,6 +56,11 @@ TOPK_CONFIG_OPTIONS = {
     "attention_backend": "backend",
 }
 _TOPK_DEFAULTS = TopKConfig()
+
+#: Encoder-decoder families whose encoder alone is the backbone (the heads here read encoder states): model_type ->
+#: the transformers class of the bare encoder. Seq2seq checkpoints (t5-base, UnifiedQA, flan-t5) load into it and
+#: leave their decoder out.
+ENCODER_ONLY_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
 
 def default_backbone() -> str:
@@ -178,12 +184,16 @@ class TopKTransformerModule(LightningModule):
         return self.hparams.backbone or default_backbone()
 
     def load_pretrained(self, path: str, attn_implementation: str) -> nn.Module:
-        """Load the pretrained model. Default: the bare encoder (``AutoModel``), whose last hidden states
-        :meth:`encode` returns. A subclass may return a task model instead (e.g. ``AutoModelForSequenceClassification``,
-        to train and export the family's own head); patching, positions and export work on either."""
-        from transformers import AutoModel
+        """Load the pretrained model. Default: the bare encoder (``AutoModel``; for T5, MT5 and UMT5 the encoder
+        alone, `ENCODER_ONLY_CLASSES`), whose last hidden states :meth:`encode` returns. A subclass may return a task
+        model instead (e.g. ``AutoModelForSequenceClassification``, to train and export the family's own head);
+        patching, positions and export work on either."""
+        import transformers
 
-        return AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
+        config = transformers.AutoConfig.from_pretrained(path)
+        encoder_only = ENCODER_ONLY_CLASSES.get(config.model_type)
+        model_class = getattr(transformers, encoder_only) if encoder_only else transformers.AutoModel
+        return model_class.from_pretrained(path, config=config, attn_implementation=attn_implementation)
 
     def build_topk_config(self) -> TopKConfig:
         """The `TopKConfig` made of this module's options (`TOPK_CONFIG_OPTIONS`), which also checks them.

@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from topk_lightning.errors import InputError
-from topk_lightning.modules.base import TopKTransformerModule
+from topk_lightning.modules.base import ENCODER_ONLY_CLASSES, TopKTransformerModule
 
 __all__ = ["SequenceClassificationModule"]
 
@@ -86,6 +86,12 @@ class SequenceClassificationModule(TopKTransformerModule):
             label2id={name: i for i, name in enumerate(names)},
             problem_type="single_label_classification",
         )
+        if config.model_type in ENCODER_ONLY_CLASSES:
+            raise InputError(
+                f"pooling='model' is not available for {config.model_type} backbones: its "
+                "AutoModelForSequenceClassification runs the decoder over the whole input too; use pooling='mean' or "
+                "'cls' (a head on the encoder states)"
+            )
         # Each family names its head dropout differently.
         for name in ("classifier_dropout", "classifier_dropout_prob", "seq_classif_dropout"):
             if hasattr(config, name):

@@ -21,7 +21,7 @@ from torch import nn
 
 from topk_lightning.atomic import atomic_output
 from topk_lightning.errors import InputError
-from topk_lightning.modules.base import TopKTransformerModule
+from topk_lightning.modules.base import ENCODER_ONLY_CLASSES, TopKTransformerModule
 from topk_lightning.modules.metrics import squad_v1_metrics, squad_v2_metrics
 from topk_lightning.modules.qa_decoding import (
     FeatureResult,
@@ -227,9 +227,17 @@ class ExtractiveQAModule(TopKTransformerModule):
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.json"
 
     # ------------------------------------------------------------------ export
+    def _head_beside_encoder(self) -> bool:
+        # T5's AutoModelForQuestionAnswering runs its decoder too: an encoder-only span head has no class there.
+        return self.backbone.config.model_type in ENCODER_ONLY_CLASSES
+
     def export_model(self) -> nn.Module:
-        """An ``AutoModelForQuestionAnswering`` holding the encoder and this head as its ``qa_outputs``."""
+        """An ``AutoModelForQuestionAnswering`` holding the encoder and this head as its ``qa_outputs``; for T5-family
+        encoders, the encoder alone (``T5EncoderModel``), the head going beside it (:meth:`export_extra`)."""
         from transformers import AutoModelForQuestionAnswering
+
+        if self._head_beside_encoder():
+            return self._vanilla_copy(self.backbone)
 
         config = plain_config(self.backbone.config)
         model = AutoModelForQuestionAnswering.from_config(config, attn_implementation="sdpa")
@@ -244,3 +252,13 @@ class ExtractiveQAModule(TopKTransformerModule):
             )
         model.qa_outputs.load_state_dict(self.head.state_dict())
         return model
+
+    def export_extra(self, path: Path) -> None:
+        """T5-family encoders: the span head as ``qa_head.safetensors`` (``weight`` (2, d_model), ``bias`` (2,);
+        start and end logits = ``hidden @ weight.T + bias``)."""
+        if not self._head_beside_encoder():
+            return
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+                  str(path / "qa_head.safetensors"))
