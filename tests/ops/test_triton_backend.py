@@ -147,10 +147,20 @@ def test_dropout_weights_are_the_kept_probabilities_scaled_or_zero():
 
 
 def test_dropout_backward_replays_the_forward_mask():
-    # With the seed fixed per call the function is deterministic, so gradcheck can compare the analytic backward
-    # (which redraws the mask in the kernel) with finite differences of the forward.
-    q, k, v = _inputs(batch=1, heads=2, kv_heads=1, q_len=3, k_len=6, dim=2)
-    torch.autograd.gradcheck(lambda q, k, v: _dropout_run(q, k, v, seed=5, causal=True), (q, k, v))
+    # With v = I the output is the dropped-out attention weights, which reveals the mask the kernel drew. The
+    # backward (which redraws it in the kernel) must be that of dense top-k attention with this mask held fixed.
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 5, 8, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    k = torch.randn(1, 1, 8, 8, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    v = torch.eye(8, dtype=torch.float64, device=DEVICE)[None, None].requires_grad_()
+    out = _dropout_run(q, k, v, seed=5, causal=True)
+    probs = dense_attention(q, k, torch.eye(8, dtype=torch.float64, device=DEVICE)[None, None], topk=4, causal=True)
+    survived = out.detach() != 0
+    assert 0 < survived.sum() < (probs > 0).sum()  # some kept entries dropped, some not
+    reference = (probs * survived / 0.5) @ v.repeat_interleave(2, dim=1)
+    torch.testing.assert_close(out, reference, atol=1e-12, rtol=0)
+    for got, want in zip(_grads(out, (q, k, v)), _grads(reference, (q, k, v))):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
 def test_deterministic_mode_reduces_key_gradients_without_atomics():
