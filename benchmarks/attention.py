@@ -1,17 +1,31 @@
-"""Forward+backward time and peak memory of one attention layer (and one FF layer): eager, SDPA and top-k.
+"""Time and peak memory of one attention layer (and one FF layer), and of a whole encoder's train step:
+eager, SDPA and top-k with each backend, on the CPU or a CUDA GPU.
 
-Every configuration runs in its own Python process, so one run's allocations cannot hide in another's peak.
-Peak memory is the rise of the process's resident set (VmHWM, reset through /proc/self/clear_refs) over what it
-held once the inputs existed, across the warm-up and the timed passes. Time is the median of ``--repeats`` forward+backward passes after one warm-up.
+CPU: every configuration runs in its own Python process, so one run's allocations cannot hide in another's peak.
+Peak memory is the rise of the process's resident set (VmHWM, reset through /proc/self/clear_refs) over what it held
+once the inputs existed, across the warm-up and the timed passes. Time is the median of ``--repeats`` passes after
+one warm-up, by the wall clock.
 
-    python benchmarks/attention.py                      # defaults below, prints a markdown table
+CUDA: configurations run one after another in one process, each isolated by emptying the allocator's cache and
+resetting its peak statistics; peak memory is ``torch.cuda.max_memory_allocated()`` over what was allocated once the
+inputs existed (warm-up included); time is the median of CUDA-event timings after two warm-up passes. Needs only
+torch, triton and transformers.
+
+Implementations: ``eager`` (softmax(QK^T)V), ``sdpa`` (torch's scaled_dot_product_attention: the flash kernel where
+it applies), ``topk`` (backend "auto": Triton on CUDA, PyTorch on the CPU), ``topk_torch``, ``topk_triton``, and for
+FF layers ``ff_plain``, ``ff_chunked``, ``ff_topk``. ``--forward-only`` times inference (no autograd).
+
+    python benchmarks/attention.py                                    # CPU defaults, markdown table
     python benchmarks/attention.py --lengths 1024 4096 --json results.json
-    python benchmarks/attention.py --eager-max 8192     # eager beyond 4096 needs many GB
+    python benchmarks/attention.py --device cuda --dtype bfloat16 --lengths 4096 16384 32768 65536 131072 \\
+        --impls sdpa eager topk_torch topk_triton --encoder-lengths 4096 16384 32768
+    python benchmarks/attention.py --forward-only --batch 4 --head-dim 32 --lengths 2048 --impls sdpa topk
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -22,8 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ATTENTION = ("eager", "sdpa", "topk")
+ATTENTION = ("eager", "sdpa", "topk", "topk_torch", "topk_triton")
 FEED_FORWARD = ("ff_plain", "ff_chunked", "ff_topk")
+ENCODER = ("sdpa", "topk", "topk_ff_chunked", "topk_torch")
+TOPK_BACKEND = {"topk": "auto", "topk_torch": "torch", "topk_triton": "triton"}
 
 
 def _rss_kib(field: str) -> int:
@@ -39,106 +55,230 @@ def _reset_peak() -> None:
         refs.write("5")  # resets VmHWM to the current resident set
 
 
-def measure(impl: str, length: int, args: argparse.Namespace) -> dict:
-    """Runs inside the child process: build inputs, time ``repeats`` forward+backward passes, measure peak RSS."""
+def layer_step(impl: str, length: int, args: argparse.Namespace):
+    """Inputs and a closure running one forward (+ backward unless --forward-only) pass of one layer."""
     import torch
     import torch.nn.functional as F
 
     from topk_lightning.ops import chunked_feed_forward, topk_attention, topk_feed_forward
 
     torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
+    dtype, device = getattr(torch, args.dtype), args.device
+    train = not args.forward_only
     b, h, d = args.batch, args.heads, args.head_dim
     if impl in ATTENTION:
-        q, k, v = (torch.randn(b, h, length, d, dtype=dtype, requires_grad=True) for _ in range(3))
-        grad = torch.randn(b, h, length, d, dtype=dtype)
+        q, k, v = (torch.randn(b, h, length, d, dtype=dtype, device=device, requires_grad=train) for _ in range(3))
+        grad = torch.randn(b, h, length, d, dtype=dtype, device=device)
 
-        def step():
+        def attention():
             if impl == "sdpa":
-                out = F.scaled_dot_product_attention(q, k, v)
-            elif impl == "eager":
-                out = torch.softmax(q @ k.transpose(-1, -2) * d**-0.5, dim=-1) @ v
-            else:
-                out = topk_attention(q, k, v, topk=args.topk, query_chunk_size=args.query_chunk_size)
-            out.backward(grad)
-            for t in (q, k, v):
-                t.grad = None
+                return F.scaled_dot_product_attention(q, k, v)
+            if impl == "eager":
+                return torch.softmax(q @ k.transpose(-1, -2) * d**-0.5, dim=-1) @ v
+            return topk_attention(q, k, v, topk=args.topk, query_chunk_size=args.query_chunk_size,
+                                  backend=TOPK_BACKEND[impl])
+
+        leaves = (q, k, v)
+        run = attention
     else:
         d_model = h * d
-        d_ff = 4 * d_model
-        lin1 = torch.nn.Linear(d_model, d_ff, dtype=dtype)
-        lin2 = torch.nn.Linear(d_ff, d_model, dtype=dtype)
-        x = torch.randn(b, length, d_model, dtype=dtype, requires_grad=True)
-        grad = torch.randn(b, length, d_model, dtype=dtype)
+        lin1 = torch.nn.Linear(d_model, 4 * d_model, dtype=dtype, device=device)
+        lin2 = torch.nn.Linear(4 * d_model, d_model, dtype=dtype, device=device)
+        x = torch.randn(b, length, d_model, dtype=dtype, device=device, requires_grad=train)
+        grad = torch.randn(b, length, d_model, dtype=dtype, device=device)
 
         def plain(hidden):
             return lin2(F.gelu(lin1(hidden)))
 
-        def step():
+        def run():
             if impl == "ff_plain":
-                out = plain(x)
-            elif impl == "ff_chunked":
-                out = chunked_feed_forward(plain, x, args.ff_chunk_size)
-            else:
-                out = topk_feed_forward(x, lin1.weight, lin1.bias, lin2.weight, lin2.bias, topk=args.ff_topk,
-                                        activation=F.gelu)
-            out.backward(grad)
-            x.grad = None
-            for p in (*lin1.parameters(), *lin2.parameters()):
-                p.grad = None
+                return plain(x)
+            if impl == "ff_chunked":
+                return chunked_feed_forward(plain, x, args.ff_chunk_size)
+            return topk_feed_forward(x, lin1.weight, lin1.bias, lin2.weight, lin2.bias, topk=args.ff_topk,
+                                     activation=F.gelu)
 
+        leaves = (x, *lin1.parameters(), *lin2.parameters())
+
+    def step():
+        if not train:
+            with torch.no_grad():
+                run()
+            return
+        run().backward(grad)
+        for t in leaves:
+            t.grad = None
+
+    return step
+
+
+def encoder_step(impl: str, length: int, args: argparse.Namespace):
+    """A MiniLM-shaped BERT (6 layers, hidden 384, 12 heads, FF 1536; random weights, positions = length) and a
+    closure running one train step's forward and backward under bf16 autocast (no optimizer)."""
+    import torch
+    import transformers
+
+    from topk_lightning import TopKConfig, apply_topk
+
+    torch.manual_seed(0)
+    device = args.device
+    config = transformers.BertConfig(
+        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+        max_position_embeddings=length, vocab_size=30522,
+    )
+    model = transformers.BertModel(config, add_pooling_layer=False).to(device).train()
+    model.set_attn_implementation("sdpa")
+    if impl != "sdpa":
+        apply_topk(model, TopKConfig(
+            topk=args.topk, query_chunk_size=args.query_chunk_size, backend=TOPK_BACKEND.get(impl, "auto"),
+            ff_chunk_size=args.ff_chunk_size if impl == "topk_ff_chunked" else None,
+        ))
+    batch = args.encoder_batch
+    input_ids = torch.randint(1000, 30000, (batch, length), device=device)
+    weight = torch.randn(batch, length, 384, device=device)  # a random loss direction, not a constant sum
+
+    def step():
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+            hidden = model(input_ids=input_ids).last_hidden_state
+        (hidden.float() * weight).sum().backward()
+        for p in model.parameters():
+            p.grad = None
+
+    return step
+
+
+def measure_cpu(step, repeats: int) -> dict:
     # The peak covers the warm-up too: memory the allocator keeps after the first pass is memory the layer needs.
     _reset_peak()
     baseline = _rss_kib("VmRSS")
     step()  # warm-up: lazy initialisation, allocator pools
     times = []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = _rss_kib("VmHWM")
-    return {
-        "L": length, "impl": impl, "seconds": statistics.median(times), "peak_mb": (peak - baseline) / 1024,
-        "times": times,
-    }
+    return {"seconds": statistics.median(times), "peak_mb": (_rss_kib("VmHWM") - baseline) / 1024, "times": times}
 
 
-def _run_child(impl: str, length: int, argv: list[str], timeout: float) -> dict | None:
+def measure_cuda(make_step, repeats: int, max_seconds: float) -> dict:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before_inputs = torch.cuda.memory_allocated()
+    step = make_step()
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    started = time.perf_counter()
+    step()  # warm-up: kernel compilation, allocator pools
+    torch.cuda.synchronize()
+    if time.perf_counter() - started < max_seconds:
+        step()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+        if sum(times) > max_seconds:
+            break
+    peak = torch.cuda.max_memory_allocated() - baseline
+    del step
+    torch.cuda.empty_cache()
+    return {"seconds": statistics.median(times), "peak_mb": peak / 2**20, "times": times,
+            "inputs_mb": (baseline - before_inputs) / 2**20}
+
+
+def _run_child(kind: str, impl: str, length: int, argv: list[str], timeout: float) -> dict | None:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out_path = handle.name
-    cmd = [sys.executable, __file__, *argv, "--child", impl, str(length), out_path]
+    cmd = [sys.executable, __file__, *argv, "--child", kind, impl, str(length), out_path]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            print(f"  {impl} L={length} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            print(f"  {kind} {impl} L={length} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
             return None
         return json.loads(Path(out_path).read_text())
     except subprocess.TimeoutExpired:
-        print(f"  {impl} L={length} timed out after {timeout:.0f} s", file=sys.stderr)
+        print(f"  {kind} {impl} L={length} timed out after {timeout:.0f} s", file=sys.stderr)
         return None
     finally:
         Path(out_path).unlink(missing_ok=True)
 
 
-def _table(rows: list[dict]) -> str:
-    base = {(r["L"], "attn" if r["impl"] in ATTENTION else "ff"): r for r in rows if r["impl"] in ("sdpa", "ff_plain")}
+def _measure(kind: str, impl: str, length: int, args: argparse.Namespace, passthrough: list[str]) -> dict | None:
+    make = (lambda: encoder_step(impl, length, args)) if kind == "encoder" else (lambda: layer_step(impl, length, args))
+    if args.device == "cpu":
+        row = _run_child(kind, impl, length, passthrough, args.timeout)
+    else:
+        import torch
+
+        try:
+            row = measure_cuda(make, args.repeats, args.max_seconds)
+        except torch.cuda.OutOfMemoryError:
+            print(f"  {kind} {impl} L={length}: out of GPU memory", file=sys.stderr)
+            torch.cuda.empty_cache()
+            return None
+    if row is not None:
+        row.update(kind=kind, impl=impl, L=length)
+    return row
+
+
+def _table(rows: list[dict], *, forward_only: bool) -> str:
+    def group(r):
+        return "ff" if r["impl"] in FEED_FORWARD else "attn"
+
+    base = {(r["kind"], r["L"], group(r)): r for r in rows if r["impl"] in ("sdpa", "ff_plain")}
+    unit = "ms" if any(r.get("device", "cpu") != "cpu" for r in rows) else "s"
+    factor = 1000 if unit == "ms" else 1
+    pass_name = "fwd" if forward_only else "fwd+bwd"
     lines = [
-        "| L | implementation | peak MB added | fwd+bwd s (median) | memory / baseline | time / baseline |",
-        "|---:|---|---:|---:|---:|---:|",
+        f"| what | L | implementation | peak MB added | {pass_name} {unit} (median) | memory / baseline | "
+        "time / baseline |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ref = base.get((r["L"], "attn" if r["impl"] in ATTENTION else "ff"))
+        ref = base.get((r["kind"], r["L"], group(r)))
         mem = f"{r['peak_mb'] / ref['peak_mb']:.2f}" if ref and ref["peak_mb"] > 0 else "-"
         tim = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "-"
-        lines.append(f"| {r['L']} | {r['impl']} | {r['peak_mb']:.0f} | {r['seconds']:.2f} | {mem} | {tim} |")
+        what = "encoder step" if r["kind"] == "encoder" else "layer"
+        lines.append(f"| {what} | {r['L']} | {r['impl']} | {r['peak_mb']:.0f} | {r['seconds'] * factor:.3g} | "
+                     f"{mem} | {tim} |")
     return "\n".join(lines)
+
+
+def _describe(args: argparse.Namespace) -> str:
+    import torch
+
+    if args.device == "cuda":
+        where = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+        try:
+            import triton
+
+            where += f", triton {triton.__version__}"
+        except ImportError:
+            pass
+    else:
+        where = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} threads")
+    return (f"{where}; B={args.batch} H={args.heads} D={args.head_dim} topk={args.topk} "
+            f"chunk={args.query_chunk_size} {args.dtype}{' forward only' if args.forward_only else ''}; "
+            f"{datetime.date.today().isoformat()}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--impls", nargs="+", default=[*ATTENTION, *FEED_FORWARD],
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--impls", nargs="+", default=["eager", "sdpa", "topk", *FEED_FORWARD],
                         choices=[*ATTENTION, *FEED_FORWARD])
+    parser.add_argument("--encoder-lengths", type=int, nargs="*", default=[],
+                        help="also time a MiniLM-shaped encoder's train step at these lengths")
+    parser.add_argument("--encoder-impls", nargs="+", default=list(ENCODER), choices=ENCODER)
+    parser.add_argument("--encoder-batch", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -146,39 +286,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query-chunk-size", type=int, default=1024)
     parser.add_argument("--ff-chunk-size", type=int, default=1024)
     parser.add_argument("--ff-topk", type=int, default=256)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("--forward-only", action="store_true", help="time inference: forward under no_grad")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eager-max", type=int, default=4096, help="skip eager above this length (memory)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    parser.add_argument("--torch-max", type=int, default=1 << 30, help="skip topk_torch above this length")
+    parser.add_argument("--timeout", type=float, default=900, help="CPU: seconds per configuration")
+    parser.add_argument("--max-seconds", type=float, default=10, help="CUDA: stop repeating after this long")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
-    parser.add_argument("--child", nargs=3, metavar=("IMPL", "L", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("KIND", "IMPL", "L", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
-        impl, length, out = args.child[0], int(args.child[1]), Path(args.child[2])
-        out.write_text(json.dumps(measure(impl, length, args)))
+        kind, impl, length, out = args.child[0], args.child[1], int(args.child[2]), Path(args.child[3])
+        step = encoder_step(impl, length, args) if kind == "encoder" else layer_step(impl, length, args)
+        out.write_text(json.dumps(measure_cpu(step, args.repeats)))
         return 0
 
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    import torch
-
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; B={args.batch} H={args.heads} D={args.head_dim} "
-          f"topk={args.topk} chunk={args.query_chunk_size} {args.dtype}", flush=True)
+    description = _describe(args)
+    print(f"# {description}", flush=True)
+    plan = [("layer", impl, length) for length in args.lengths for impl in args.impls
+            if not (impl == "eager" and length > args.eager_max) and not (impl == "topk_torch" and length >
+                                                                            args.torch_max)]
+    plan += [("encoder", impl, length) for length in args.encoder_lengths for impl in args.encoder_impls]
     rows = []
-    for length in args.lengths:
-        for impl in args.impls:
-            if impl == "eager" and length > args.eager_max:
-                continue
-            row = _run_child(impl, length, passthrough, args.timeout)
-            if row is not None:
-                rows.append(row)
-                print(f"  L={length:>6} {impl:<10} {row['peak_mb']:8.0f} MB {row['seconds']:8.2f} s", flush=True)
+    for kind, impl, length in plan:
+        row = _measure(kind, impl, length, args, passthrough)
+        if row is None:
+            continue
+        row["device"] = args.device
+        rows.append(row)
+        print(f"  {kind:<7} L={length:>6} {impl:<16} {row['peak_mb']:9.0f} MB {row['seconds'] * 1000:10.2f} ms",
+              flush=True)
     print()
-    print(_table(rows))
+    print(_table(rows, forward_only=args.forward_only))
     if args.json:
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("json", "child")},
+        tmp.write_text(json.dumps({"machine": description,
+                                   "args": {k: v for k, v in vars(args).items() if k not in ("json", "child")},
                                    "rows": rows}, indent=2, default=str))
         tmp.replace(args.json)
     return 0

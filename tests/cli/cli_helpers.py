@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from lightning.pytorch import Callback
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -33,3 +35,29 @@ def tiny_qa_args(tiny_bert, qa_files, tmp_path, *, attention="topk"):
         "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={tmp_path / 'run'}",
     ]
+
+
+class InterruptAfterStep(Callback):
+    """Raises KeyboardInterrupt (what Ctrl-C raises) once ``step`` optimiser steps have run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+class RecordTraining(Callback):
+    """Records, before every training batch, the step, the learning rate and a fingerprint of the batch."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, float, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.rows.append((trainer.global_step, lr, int(batch["input_ids"].sum())))
+
+
+def callback(cli, kind):
+    return next(cb for cb in cli.trainer.callbacks if isinstance(cb, kind))

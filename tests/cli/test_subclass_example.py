@@ -1,6 +1,7 @@
 """The subclassing example of README.md, run as written: top-k and dense attention through the CLI."""
 
 import re
+import shlex
 import sys
 
 import pytest
@@ -31,16 +32,30 @@ def test_example_is_short():
     assert len(lines) <= 25
 
 
-def test_example_with_the_main_recipe_keeps_shared_arguments(example_module, capsys):
+def example_command() -> list[str]:
+    """The README's command for the example, as arguments after ``lightning`` (comments and ``PYTHONPATH=.`` dropped)."""
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"<!-- command: answer_presence.*?-->\s*```bash\n(.*?)```", text, re.S)
+    assert match, "the example's command is missing from README.md"
+    lines = [line.split("#")[0].rstrip().rstrip("\\") for line in match.group(1).splitlines()]
+    words = shlex.split(" ".join(lines))
+    assert words[:2] == ["PYTHONPATH=.", "lightning"]
+    return [str(REPO / w) if w.startswith("recipes/") else w for w in words[2:]]
+
+
+def test_the_readme_command_keeps_shared_arguments_and_gives_windows_without_the_answer(example_module, capsys):
+    args = example_command()
+    assert f"--model={example_module}" in args
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "recipes/qa.yaml"), f"--model={example_module}",
-              "--trainer.callbacks=lightning.pytorch.callbacks.TQDMProgressBar", "--model.attention=sdpa",
-              "--print_config"])
-    printed = yaml.safe_load(capsys.readouterr().out)
+        main([*args, "--model.attention=sdpa", "--print_config"])
+    printed_text = capsys.readouterr().out
+    printed = yaml.safe_load(printed_text)
     init = printed["model"]["init_args"]
     assert printed["model"]["class_path"] == example_module
-    assert init["attention"] == "sdpa" and init["query_chunk_size"] == 128 and init["pos_weight"] == 1.0
-    assert "version_2_with_negative" not in init
+    assert init["attention"] == "sdpa" and init["query_chunk_size"] == 128 and init["pos_weight"] == 3.0
+    assert "version_2_with_negative" not in init  # the recipe's QA-only arguments are dropped with the class
+    assert printed["data"]["init_args"]["max_length"] == 512  # needle documents are ~1,950 tokens: several windows
+    assert "#   model.max_positions: 512  (= data.max_length)" in printed_text
     callbacks = printed["trainer"]["callbacks"]  # replaced: no ModelCheckpoint watching val/f1 any more
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     assert [c["class_path"] for c in callbacks] == ["lightning.pytorch.callbacks.TQDMProgressBar"]

@@ -1,8 +1,6 @@
-"""Dynamic padding and the length-grouped sampler."""
+"""Dynamic padding and the feature cache."""
 
-import torch
-
-from topk_lightning.data.base import LengthGroupedSampler, PaddingCollator, round_up
+from topk_lightning.data.base import PaddingCollator, round_up
 
 
 def test_round_up():
@@ -33,21 +31,6 @@ def test_collator_rounds_to_the_query_chunk_but_never_past_max_length():
     assert batch["input_ids"].shape == (1, 1536) and batch["attention_mask"][0, 1300:].eq(0).all()
     # a feature longer than max_length (not made by this project's featurizers) is never cut
     assert collate.padded_length(2100) == 2100
-
-
-def test_length_grouped_sampler():
-    lengths = [int(x) for x in torch.randint(1, 1000, (400,), generator=torch.Generator().manual_seed(0))]
-    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=1, mega_batch_factor=10)
-    first = list(sampler)
-    assert sorted(first) == list(range(400))
-    second = list(sampler)  # the next epoch: a new order
-    assert second != first
-    sampler.set_epoch(0)
-    assert list(sampler) == first  # seeded
-    # batches are homogeneous: the spread inside batches is far smaller than random batches' spread
-    spread = [max(lengths[i] for i in first[b:b + 8]) - min(lengths[i] for i in first[b:b + 8])
-              for b in range(0, 400, 8)]
-    assert sum(spread) / len(spread) < 150
 
 
 def test_interrupted_tokenisation_leaves_no_cache_file(tmp_path):

@@ -114,7 +114,7 @@ def test_join_paragraphs_datamodule(tmp_path, tokenizer_path, squad_file):
 
 
 def test_group_by_length_sampler(tmp_path, tokenizer_path):
-    from topk_lightning.data.base import LengthGroupedSampler
+    from topk_lightning.data.sampling import LengthGroupedSampler
 
     path = write_flat(tmp_path / "qa.jsonl", n=12)
     dm = make(tmp_path, tokenizer_path, train_file=path, group_by_length=True, batch_size=2, max_length=512)

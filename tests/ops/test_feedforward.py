@@ -67,6 +67,31 @@ def test_gated_feed_forward_selects_on_the_gate():
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_dropout_on_kept_units_is_replayed_in_backward(gated):
+    """Reference: the dense top-k FF with the op's own saved mask applied to the hidden units, scaled by 1/(1-p)."""
+    w = _weights(gated=gated)
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    gate = {"w_gate": w["w_gate"], "b_gate": w["b_gate"]} if gated else {}
+    out = topk_feed_forward(x, w["w_in"], w["b_in"], w["w_out"], w["b_out"], topk=4, activation=F.relu,
+                            dropout_p=0.5, **gate)
+    saved = out.grad_fn.next_functions[0][0].saved_tensors  # under the final view
+    index, kept_units = saved[6], saved[9]
+    assert 0 < kept_units.sum() < kept_units.numel()  # some units dropped, some kept
+    mask = torch.zeros(14, 10, dtype=torch.float64).scatter_(1, index, kept_units.double()).view(2, 7, 10) / 0.5
+
+    pre = x @ w["w_in"].t() + w["b_in"]
+    select = pre if not gated else x @ w["w_gate"].t() + w["b_gate"]
+    hidden = F.relu(select) * (pre if gated else 1.0)
+    ref = (hidden * mask) @ w["w_out"].t() + w["b_out"]  # mask is zero outside the kept top-4 units
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    inputs = (x, *w.values())
+    for a, b in zip(_grads(out, inputs), _grads(ref, inputs)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.0"):
+        topk_feed_forward(x, w["w_in"], w["b_in"], w["w_out"], w["b_out"], topk=4, activation=F.relu, dropout_p=1.0)
+
+
 def test_topk_feed_forward_gradcheck_without_biases():
     w = _weights(d_model=3, d_ff=5)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)

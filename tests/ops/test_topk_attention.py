@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from topk_lightning.ops import dense_attention, topk_attention
-from topk_lightning.ops.topk_attention import _select_topk
+from topk_lightning.ops.torch_backend import select_topk
 
 
 def _inputs(batch=2, heads=4, kv_heads=2, q_len=19, k_len=23, dim=8, dtype=torch.float64, seed=0):
@@ -56,7 +56,7 @@ def test_small_topk_equals_dense_scores_keep_topk_softmax(topk, causal):
 
 
 def test_long_rows_use_the_grouped_selection_and_stay_exact():
-    # Lk >= 32 * topk switches _select_topk to the two-stage grouped search.
+    # Lk >= 32 * topk switches select_topk to the two-stage grouped search.
     q, k, v = _inputs(batch=1, heads=2, kv_heads=1, q_len=9, k_len=512, dim=4)
     out = topk_attention(q, k, v, topk=4, query_chunk_size=3)
     ref = dense_attention(q, k, v, topk=4)
@@ -66,7 +66,7 @@ def test_long_rows_use_the_grouped_selection_and_stay_exact():
 @pytest.mark.parametrize("length", [64, 1024, 4096])
 def test_select_topk_returns_the_true_top_values(length):
     scores = torch.randn(3, 5, length, generator=torch.Generator().manual_seed(length))
-    values, index = _select_topk(scores, 16)
+    values, index = select_topk(scores, 16)
     expected = scores.topk(16, dim=-1).values
     torch.testing.assert_close(values.sort(-1, descending=True).values, expected, atol=0, rtol=0)
     torch.testing.assert_close(scores.gather(-1, index), values, atol=0, rtol=0)
@@ -188,3 +188,26 @@ def test_bad_shapes_and_dtypes_raise_value_errors():
         topk_attention(q[0], k, v, topk=2)
     with pytest.raises(ValueError, match="same shape"):
         topk_attention(q, k, v[:, :, :5], topk=2)
+
+
+def test_score_tiles_follow_the_device_budget_and_the_chunk_bound(monkeypatch):
+    from topk_lightning.ops import torch_backend
+
+    scores = torch.empty(0, dtype=torch.float32)  # only its device and element size matter
+    monkeypatch.delenv(torch_backend.SCORE_BUDGET_ENV, raising=False)
+    cpu_elements = torch_backend.SCORE_BUDGET_BYTES["cpu"] // 4
+    assert torch_backend.rows_per_tile(1, 12, 8192, 1024, scores) == cpu_elements // (12 * 8192)
+    assert torch_backend.rows_per_tile(1, 12, 64, 100, scores) == 100  # query_chunk_size stays the upper bound
+    assert torch_backend.rows_per_tile(4, 12, 1 << 20, 1024, scores) == 1  # never fewer than one row
+    monkeypatch.setenv(torch_backend.SCORE_BUDGET_ENV, "1")
+    assert torch_backend.rows_per_tile(1, 1, 1024, 4096, scores) == (1 << 20) // 4 // 1024
+    monkeypatch.setenv(torch_backend.SCORE_BUDGET_ENV, "lots")
+    with pytest.raises(ValueError, match="TOPK_LIGHTNING_SCORE_BUDGET_MB must be a positive number of MiB, got 'lots'"):
+        torch_backend.rows_per_tile(1, 1, 1024, 4096, scores)
+
+
+def test_small_score_budget_gives_the_same_result(monkeypatch):
+    q, k, v = _inputs(q_len=40, k_len=50)
+    expected = topk_attention(q, k, v, topk=5)
+    monkeypatch.setenv("TOPK_LIGHTNING_SCORE_BUDGET_MB", "0.001")  # ~2 rows per tile
+    torch.testing.assert_close(topk_attention(q, k, v, topk=5), expected, atol=1e-12, rtol=0)

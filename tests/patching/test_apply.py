@@ -14,33 +14,84 @@ from topk_lightning.patching.apply import PatchedFeedForward
 from topk_lightning.patching.attention import LAYER_SETTINGS_ATTR
 from topk_lightning.patching.families import FAMILIES as FAMILY_TABLE
 
-from .tiny_models import PAD_FROM, SEQ_LEN, hidden, max_diff_unpadded, padded_batch, tiny_model
+from .tiny_models import (
+    PAD_FROM,
+    SEQ_LEN,
+    hidden,
+    max_diff_unpadded,
+    padded_batch,
+    register_dense_topk_reference,
+    tiny_model,
+    weighted_loss,
+)
 
 
 def _patched_feed_forwards(model) -> list[PatchedFeedForward]:
     return [v for m in model.modules() for v in vars(m).values() if isinstance(v, PatchedFeedForward)]
 
 
+def _backward_and_grads(model, batch):
+    output = hidden(model, batch)
+    weighted_loss(output, batch["attention_mask"]).backward()
+    return output, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_gradients(grads, reference_grads):
+    assert sorted(grads) == sorted(reference_grads)  # the same parameters receive gradients
+    projections = (".query.", "q_lin", "Attention.q.")  # BERT-like, DistilBERT, T5
+    assert any(q in name for name in grads for q in projections), "no gradient reached the attention"
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_exact_when_topk_covers_all_keys_with_gradients(family):
     model = tiny_model(family)
     batch = padded_batch(family)
-    reference_model = copy.deepcopy(model)
-    reference = hidden(reference_model, batch)
-    reference[batch["attention_mask"].bool()].sum().backward()
-
+    reference, reference_grads = _backward_and_grads(copy.deepcopy(model), batch)
     apply_topk(model, TopKConfig(topk=SEQ_LEN))
     assert model.config._attn_implementation == "topk"
-    output = hidden(model, batch)
+    output, grads = _backward_and_grads(model, batch)
     assert max_diff_unpadded(output, reference, batch["attention_mask"]) < 1e-5
+    _assert_same_gradients(grads, reference_grads)
 
-    output[batch["attention_mask"].bool()].sum().backward()
-    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    reference_grads = dict(reference_model.named_parameters())
-    attention_grads = [name for name in grads if ".query." in name or "q_lin" in name]
-    assert attention_grads, "no gradient reached the attention projections"
-    for name, grad in grads.items():
-        assert torch.isfinite(grad).all(), name
-        torch.testing.assert_close(grad, reference_grads[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+
+@pytest.mark.parametrize("topk", [1, 4])
+def test_small_topk_matches_a_dense_topk_reference_with_gradients(family, topk):
+    """k below the 16 keys (and chunks of 5 queries that do not divide 16): outputs and parameter gradients equal
+    those of the same model whose attention keeps each query's k best keys in a plain dense computation."""
+    model = tiny_model(family)
+    batch = padded_batch(family)
+    reference_model = copy.deepcopy(model)
+    reference_model.set_attn_implementation(register_dense_topk_reference(topk))
+    reference, reference_grads = _backward_and_grads(reference_model, batch)
+    apply_topk(model, TopKConfig(topk=topk, query_chunk_size=5))
+    output, grads = _backward_and_grads(model, batch)
+    assert max_diff_unpadded(output, reference, batch["attention_mask"]) < 1e-5
+    _assert_same_gradients(grads, reference_grads)
+
+
+@pytest.mark.parametrize("ff_topk", [None, 24])
+def test_backends_agree_through_the_bridge_in_training_mode(ff_topk):
+    # The Triton kernels (Triton's interpreter without a GPU) and the PyTorch backend compute the same model,
+    # dropout aside: a tiny BERT in train mode with dropout off, small k, padding, a randomly weighted loss.
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = tiny_model("bert", attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0).to(device).train()
+    batch = {name: t.to(device) for name, t in padded_batch("bert").items()}
+    weight = torch.randn(2, SEQ_LEN, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    results = {}
+    for backend in ("torch", "triton"):
+        model = apply_topk(copy.deepcopy(base), TopKConfig(topk=3, ff_topk=ff_topk, backend=backend))
+        loss = (hidden(model, batch) * weight * batch["attention_mask"][..., None]).sum()
+        loss.backward()
+        results[backend] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (loss_t, grads_t), (loss_k, grads_k) = results["torch"], results["triton"]
+    torch.testing.assert_close(loss_k, loss_t, atol=1e-4, rtol=1e-5)
+    assert grads_k.keys() == grads_t.keys()
+    assert any(".key." in name for name in grads_k)
+    for name in grads_t:
+        torch.testing.assert_close(grads_k[name], grads_t[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
 def test_small_topk_differs(family):
@@ -61,6 +112,21 @@ def test_remove_topk_restores_exactly(family):
     assert model.config._attn_implementation == "sdpa"
     assert not _patched_feed_forwards(model)
     assert not any(hasattr(m, LAYER_SETTINGS_ATTR) for m in model.modules())
+    torch.testing.assert_close(hidden(model, batch), reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_topk_none_patches_only_the_feed_forward_layers(implementation):
+    model = tiny_model("bert", attn_implementation=implementation)
+    batch = padded_batch("bert")
+    reference = hidden(model, batch)
+    apply_topk(model, TopKConfig(topk=None, ff_topk=4, ff_chunk_size=5))
+    assert model.config._attn_implementation == implementation  # attention untouched
+    assert not any(hasattr(m, LAYER_SETTINGS_ATTR) for m in model.modules())
+    assert len(_patched_feed_forwards(model)) == 2
+    assert max_diff_unpadded(hidden(model, batch), reference, batch["attention_mask"]) > 1e-3  # ff_topk=4 of 64 units
+    remove_topk(model)
+    assert model.config._attn_implementation == implementation and not _patched_feed_forwards(model)
     torch.testing.assert_close(hidden(model, batch), reference, atol=0, rtol=0)
 
 

@@ -124,3 +124,35 @@ def test_set_attn_implementation_accepts_topk():
     assert max_diff_unpadded(hidden(model, batch), reference, batch["attention_mask"]) < 1e-5
     topk_lightning.remove_topk(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_training_mode_applies_attention_dropout_on_both_paths(monkeypatch):
+    """In training mode the bridge hands the module's attention dropout to top-k attention (and to SDPA in layers
+    left exact); in eval mode it hands 0. Hidden-state dropout is off, so any randomness is attention dropout's."""
+    seen = []
+    original = topk_lightning.ops.topk_attention
+
+    def spy(query, key, value, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return original(query, key, value, **kwargs)
+
+    monkeypatch.setattr(topk_lightning.ops, "topk_attention", spy)
+    model = tiny_model("bert", attention_probs_dropout_prob=0.5, hidden_dropout_prob=0.0)
+    apply_topk(model, TopKConfig(topk=4, layers=[1]))  # layer 0 exact (SDPA), layer 1 top-k
+    batch = padded_batch("bert")
+    mask = batch["attention_mask"]
+
+    def states(seed):
+        torch.manual_seed(seed)
+        return model(**batch, output_hidden_states=True).hidden_states
+
+    model.train()
+    first, second, again = states(0), states(1), states(0)
+    assert seen == [0.5, 0.5, 0.5]  # one top-k layer, three passes
+    assert max_diff_unpadded(first[1], second[1], mask) > 1e-3  # the exact layer drops attention weights
+    assert max_diff_unpadded(first[2], second[2], mask) > 1e-3  # so does the top-k one
+    assert max_diff_unpadded(first[2], again[2], mask) == 0.0  # the draws follow torch's seed
+    seen.clear()
+    model.eval()
+    assert max_diff_unpadded(states(0)[2], states(1)[2], mask) == 0.0
+    assert seen == [0.0, 0.0]

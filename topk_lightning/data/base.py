@@ -1,4 +1,4 @@
-"""Shared data machinery: tokenizer loading, dynamic padding, the length-grouped sampler and the base datamodule.
+"""Shared data machinery: tokenizer loading, dynamic padding, the feature cache and the base datamodule.
 
 Subclasses (``QADataModule``, ``ClassificationDataModule``) implement one hook, ``build_split(split)``, which
 returns a ``FeatureDataset`` for "train", "validation", "test" or "predict" (or ``None`` when that split has no
@@ -13,14 +13,17 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+
+from topk_lightning.data.sampling import EpochShuffleSampler, LengthGroupedSampler, ResumableDataLoader
+from topk_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,12 @@ def load_tokenizer(name_or_path: str | None):
     """Load a fast tokenizer (``AutoTokenizer``; honours ``HF_HUB_OFFLINE``). ``None`` = the bundled MiniLM one."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path or default_tokenizer_path())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path or default_tokenizer_path())
+    except OSError as error:  # no such directory, or no tokenizer files in it (offline)
+        raise InputError(f"tokenizer {name_or_path!r}: cannot load it ({error})") from None
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"tokenizer {name_or_path!r} is not a fast (Rust) tokenizer; offsets and windows need one")
+        raise InputError(f"tokenizer {name_or_path!r} is not a fast (Rust) tokenizer; offsets and windows need one")
     return tokenizer
 
 
@@ -113,53 +119,6 @@ class PaddingCollator:
             else:
                 batch[key] = values
         return batch
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffled indices in which neighbours have similar lengths, so padded batches waste little.
-
-    Each epoch: a seeded permutation is cut into mega-batches of ``batch_size * mega_batch_factor`` indices, each
-    mega-batch is sorted by length (longest first) and cut into batches, and the batches are shuffled. The
-    ``DataLoader`` (same ``batch_size``, ``drop_last`` as you like) then yields those batches.
-
-    Epochs: Lightning calls ``set_epoch`` on the loader's sampler; when the sampler is wrapped (under DDP Lightning
-    wraps custom samplers in ``DistributedSamplerWrapper``, which splits this order across ranks without
-    re-shuffling, so grouping survives) ``set_epoch`` does not reach it, and the sampler then advances its own
-    epoch each time it is iterated (the same on every rank, so ranks stay consistent).
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, mega_batch_factor: int = 50) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.mega_batch_factor = mega_batch_factor
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        mega = self.batch_size * self.mega_batch_factor
-        batches = []
-        for begin in range(0, len(order), mega):
-            chunk = sorted(order[begin : begin + mega], key=lambda i: -self.lengths[i])
-            batches.extend(chunk[b : b + self.batch_size] for b in range(0, len(chunk), self.batch_size))
-        # keep a ragged last batch last so that drop_last drops only it
-        full = [b for b in batches if len(b) == self.batch_size]
-        ragged = [b for b in batches if len(b) != self.batch_size]
-        permutation = torch.randperm(len(full), generator=generator).tolist()
-        for p in permutation:
-            yield from full[p]
-        for batch in ragged:
-            yield from batch
 
 
 class FeatureDataset(Dataset):
@@ -246,20 +205,30 @@ def map_with_cache(
 
 
 class BaseDataModule(LightningDataModule):
-    """Loader options shared by the task datamodules; subclasses implement ``build_split``.
+    """Files, loaders and limits shared by the task data modules; subclasses implement ``build_split``.
+
+    A task module declares its own arguments (at least ``batch_size`` and ``max_length``, whose defaults depend on the
+    task) and forwards the rest to this class with ``**kwargs``; the CLI still lists them all with their types.
 
     Args:
+        batch_size: training batch size (>= 1).
         tokenizer: name or path of a Hugging Face fast tokenizer; ``None`` = the bundled MiniLM tokenizer.
             Loaded lazily on first use (property ``tokenizer``; the name stays in ``tokenizer_name``).
-        batch_size: training batch size.
+        train_file, validation_file, test_file, predict_file: local data files, one per split; formats are the
+            task's (see `topk_lightning.data.files`). A split without a file has no data (Lightning then skips it).
         eval_batch_size: validation/test/predict batch size; ``None`` = ``batch_size``.
         num_workers: DataLoader worker processes (0 = load in the main process).
         pad_to_multiple_of: pad each batch to its longest sequence rounded up to this multiple, capped at the
             datamodule's ``max_length``; ``None`` = no rounding. The CLI links it to the model's
             ``query_chunk_size``, so top-k attention scores whole query chunks.
-        group_by_length: training batches of similar length (``LengthGroupedSampler``), shuffled, seeded by
-            ``seed``. Evaluation order is always the file order.
-        seed: seed of the length-grouped sampler (plain shuffling follows Lightning's/torch's seed).
+        group_by_length: training batches of similar length (``LengthGroupedSampler``). Training batches are
+            shuffled either way; evaluation order is always the file order.
+        skip_invalid: drop invalid examples (counted in ``skipped``, one warning per file) instead of raising an
+            error naming the first one.
+        limit_train_examples / limit_eval_examples: keep only the first N examples of the training / each
+            evaluation split, for quick runs; ``None`` = all.
+        seed: seed of the training order: epoch ``e`` is shuffled with ``seed + e``, so a resumed run sees the same
+            batches as an uninterrupted one.
         cache_dir: where generated datasets and tokenised features are cached; ``None`` =
             ``$TOPK_LIGHTNING_CACHE`` or ``~/.cache/topk_lightning``.
     """
@@ -270,29 +239,57 @@ class BaseDataModule(LightningDataModule):
     def __init__(
         self,
         *,
+        batch_size: int,
         tokenizer: str | None = None,
-        batch_size: int = 8,
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        test_file: str | None = None,
+        predict_file: str | None = None,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pad_to_multiple_of: int | None = 64,
         group_by_length: bool = False,
+        skip_invalid: bool = False,
+        limit_train_examples: int | None = None,
+        limit_eval_examples: int | None = None,
         seed: int = 42,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError("batch_size and eval_batch_size must be >= 1")
-        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {pad_to_multiple_of}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                            ("num_workers", num_workers), ("pad_to_multiple_of", pad_to_multiple_of),
+                            ("limit_train_examples", limit_train_examples),
+                            ("limit_eval_examples", limit_eval_examples)):
+            lowest = 0 if name == "num_workers" else 1
+            if value is not None and value < lowest:
+                raise InputError(f"{type(self).__name__}: {name} must be >= {lowest}, got {value}")
+        # Every __init__ argument of this class and of the subclass, for checkpoints and the saved config.
+        self.save_hyperparameters()
         self.tokenizer_name = tokenizer
+        self.files = {"train": train_file, "validation": validation_file, "test": test_file,
+                      "predict": predict_file}
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
         self.group_by_length = group_by_length
+        self.skip_invalid = skip_invalid
+        self.limits = {"train": limit_train_examples, "validation": limit_eval_examples,
+                       "test": limit_eval_examples, "predict": limit_eval_examples}
+        self.skipped: dict[str, int] = {}  # split -> invalid examples dropped (with skip_invalid)
         self.seed = seed
         self.cache_dir = Path(cache_dir or default_cache_dir()).expanduser()
         self.splits: dict[str, FeatureDataset | None] = {}
+
+    def file(self, split: str) -> Path | None:
+        """The file given for ``split`` ("train", "validation", "test", "predict"), or ``None``."""
+        name = self.files[split]
+        return Path(name).expanduser() if name else None
+
+    def limit(self, examples: list, split: str) -> list:
+        """The first ``limit_*_examples`` of ``examples`` (all of them without a limit)."""
+        limit = self.limits[split]
+        return examples if limit is None else examples[:limit]
 
     @cached_property
     def tokenizer(self):
@@ -320,20 +317,32 @@ class BaseDataModule(LightningDataModule):
             self.splits[split] = self.build_split(split)
         return self.splits[split]
 
+    def training_position(self) -> tuple[int | None, int]:
+        """(epoch, batches of it already trained) while a fit loop runs, else ``(None, 0)``; read by the training
+        loader when an epoch's iteration starts, so that a run resumed mid-epoch continues with the next batch."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return None, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
     def _loader(self, split: str) -> DataLoader | list:
         dataset = self.get_split(split)
         if dataset is None:
             if split == "train":
-                raise ValueError(f"{type(self).__name__}: no training data (give train_file or a built-in dataset)")
+                raise InputError(f"{type(self).__name__}: no training data (give train_file or a built-in dataset)")
             return []  # Lightning skips a stage whose loaders are an empty list
-        train = split == "train"
-        sampler, shuffle = None, train
-        batch_size = self.batch_size if train else self.eval_batch_size
-        if train and self.group_by_length:
-            sampler, shuffle = LengthGroupedSampler(dataset.lengths, batch_size, seed=self.seed), False
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                          num_workers=self.num_workers, collate_fn=self.collate_fn(),
-                          persistent_workers=self.num_workers > 0)
+        options = dict(num_workers=self.num_workers, collate_fn=self.collate_fn(),
+                       persistent_workers=self.num_workers > 0)
+        if split != "train":
+            return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **options)
+        if self.group_by_length:
+            sampler = LengthGroupedSampler(dataset.lengths, self.batch_size, seed=self.seed)
+        else:
+            sampler = EpochShuffleSampler(len(dataset), seed=self.seed)
+        # The loader's own generator (worker seeds) keeps the global random state, which dropout uses, untouched.
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                                   generator=torch.Generator().manual_seed(self.seed),
+                                   position=self.training_position, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

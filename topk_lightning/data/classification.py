@@ -13,7 +13,8 @@ from typing import Any
 
 from topk_lightning.data.base import BaseDataModule, FeatureDataset, feature_cache_key, map_with_cache, \
     tokenizer_fingerprint
-from topk_lightning.data.squad import read_records
+from topk_lightning.data.files import read_records
+from topk_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def _int_like(value: Any) -> bool:
 def infer_label_names(values: list[Any]) -> list[str]:
     """Label names from the raw labels of a file: ``"0".."max"`` when all are integers, else the sorted strings."""
     if not values:
-        raise ValueError("cannot infer label names from an empty file")
+        raise InputError("cannot infer label names: the file has no labels")
     if all(_int_like(v) for v in values):
         top = max(int(v) for v in values)
         return [str(i) for i in range(top + 1)]
@@ -47,73 +48,49 @@ class ClassificationDataModule(BaseDataModule):
     construction (they read only the label column), so a CLI can link them to the model.
 
     Args:
-        tokenizer: fast tokenizer name or path; ``None`` = the bundled MiniLM tokenizer.
-        train_file, validation_file, test_file, predict_file: ``.csv``, ``.json`` (list of records or
-            ``{"data": [...]}``), ``.jsonl`` or ``.parquet`` files.
         text_column: column with the text.
         text_pair_column: optional second text column (sentence pairs); ``None`` = single texts.
         label_column: column with the label (string or integer).
         label_names: the label vocabulary, index = class id; ``None`` = inferred from the training file.
         max_length: texts are truncated to this many tokens (special tokens included; pairs longest-first).
-        skip_invalid: drop rows with a missing/empty text or an unknown label (counted, one warning per file)
-            instead of raising ``ValueError``.
-        limit_train_examples / limit_eval_examples: keep only the first N rows; ``None`` = all.
-        batch_size, eval_batch_size, num_workers, pad_to_multiple_of, group_by_length, seed, cache_dir:
-            see ``BaseDataModule``.
+        batch_size: training batch size.
+        **kwargs: the options shared with the other data modules (``tokenizer``, ``train_file``,
+            ``validation_file``, ``test_file``, ``predict_file``, ``eval_batch_size``, ``skip_invalid``,
+            ``limit_train_examples``, ``limit_eval_examples``, ...): see `BaseDataModule`. Files are ``.csv``,
+            ``.json`` (list of records or ``{"data": [...]}``), ``.jsonl`` or ``.parquet``; invalid rows are those
+            with a missing/empty text or an unknown label; a limit counts rows.
     """
 
     def __init__(
         self,
         *,
-        tokenizer: str | None = None,
-        train_file: str | None = None,
-        validation_file: str | None = None,
-        test_file: str | None = None,
-        predict_file: str | None = None,
         text_column: str = "text",
         text_pair_column: str | None = None,
         label_column: str = "label",
         label_names: list[str] | None = None,
         max_length: int = 512,
         batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pad_to_multiple_of: int | None = 64,
-        group_by_length: bool = False,
-        skip_invalid: bool = False,
-        limit_train_examples: int | None = None,
-        limit_eval_examples: int | None = None,
-        seed: int = 42,
-        cache_dir: str | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(tokenizer=tokenizer, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                         num_workers=num_workers, pad_to_multiple_of=pad_to_multiple_of,
-                         group_by_length=group_by_length, seed=seed, cache_dir=cache_dir)
+        super().__init__(batch_size=batch_size, **kwargs)
         if max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {max_length}")
+            raise InputError(f"max_length must be >= 2, got {max_length}")
         if label_names is not None and len(set(label_names)) != len(label_names):
-            raise ValueError(f"label_names must be distinct, got {label_names}")
-        self.save_hyperparameters()
-        self.files = {"train": train_file, "validation": validation_file, "test": test_file,
-                      "predict": predict_file}
+            raise InputError(f"label_names must be distinct, got {label_names}")
         self.text_column = text_column
         self.text_pair_column = text_pair_column
         self.label_column = label_column
         self._label_names = list(label_names) if label_names is not None else None
         self.max_length = max_length
-        self.skip_invalid = skip_invalid
-        self.skipped: dict[str, int] = {}  # split -> invalid rows dropped (with skip_invalid)
-        self.limits = {"train": limit_train_examples, "validation": limit_eval_examples,
-                       "test": limit_eval_examples, "predict": limit_eval_examples}
 
     @cached_property
     def label_names(self) -> list[str]:
         """Class names, index = class id."""
         if self._label_names is not None:
             return self._label_names
-        path = self.files["train"] or self.files["validation"]
+        path = self.file("train") or self.file("validation")
         if path is None:
-            raise ValueError("label_names must be given when there is no train_file or validation_file to infer them")
+            raise InputError("label_names must be given when there is no train_file or validation_file to infer them")
         values = [r.get(self.label_column) for r in read_records(path) if isinstance(r, dict)]
         return infer_label_names([v for v in values if v is not None and str(v).strip() != ""])
 
@@ -137,9 +114,9 @@ class ClassificationDataModule(BaseDataModule):
 
     def load_rows(self, split: str) -> tuple[dict[str, list], bool] | None:
         """Validated columns ``text`` (, ``text_pair``), (``labels``) of ``split`` and whether it has labels."""
-        if not self.files[split]:
+        path = self.file(split)
+        if path is None:
             return None
-        path = Path(self.files[split]).expanduser()
         records = read_records(path)
         with_labels = split != "predict" or all(
             isinstance(r, dict) and r.get(self.label_column) not in (None, "") for r in records
@@ -149,7 +126,7 @@ class ClassificationDataModule(BaseDataModule):
         for position, record in enumerate(records):
             try:
                 row = self._validate_row(record, position, path, with_labels)
-            except ValueError as error:
+            except InputError as error:
                 if not self.skip_invalid:
                     raise
                 skipped, first_error = skipped + 1, first_error or str(error)
@@ -163,11 +140,9 @@ class ClassificationDataModule(BaseDataModule):
             del columns["text_pair"]
         if not with_labels:
             del columns["labels"]
-        limit = self.limits[split]
-        if limit is not None:
-            columns = {key: values[:limit] for key, values in columns.items()}
+        columns = {key: self.limit(values, split) for key, values in columns.items()}
         if not columns["text"]:
-            raise ValueError(f"{path}: no usable rows for the {split} split")
+            raise InputError(f"{path}: no usable rows for the {split} split")
         return columns, with_labels
 
     def _validate_row(self, record: Any, position: int, path: Path, with_labels: bool) -> dict[str, Any]:
@@ -175,7 +150,7 @@ class ClassificationDataModule(BaseDataModule):
         if isinstance(record, dict) and record.get("id") not in (None, ""):
             where += f" (id {record['id']!r})"
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected an object with column {self.text_column!r}")
+            raise InputError(f"{where}: expected an object with column {self.text_column!r}")
         row: dict[str, Any] = {}
         columns = [("text", self.text_column)]
         if self.text_pair_column:
@@ -184,16 +159,16 @@ class ClassificationDataModule(BaseDataModule):
             value = record.get(column)
             if not isinstance(value, str) or not value.strip():
                 problem = "missing" if value is None else f"empty or not a string ({value!r})"
-                raise ValueError(f"{where}: column {column!r} is {problem}; expected a non-empty string")
+                raise InputError(f"{where}: column {column!r} is {problem}; expected a non-empty string")
             row[key] = value
         if with_labels:
             value = record.get(self.label_column)
             if value is None or str(value).strip() == "":
-                raise ValueError(f"{where}: missing label column {self.label_column!r}")
+                raise InputError(f"{where}: missing label column {self.label_column!r}")
             try:
                 row["labels"] = self.label_id(value)
             except KeyError:
-                raise ValueError(
+                raise InputError(
                     f"{where}: unknown label {value!r}; expected one of {self.label_names} or an index below "
                     f"{self.num_labels}"
                 ) from None

@@ -30,8 +30,10 @@ import hashlib
 import json
 import os
 import random
-import uuid
 from pathlib import Path
+
+from topk_lightning.atomic import atomic_output
+from topk_lightning.errors import InputError
 
 _DIRECTIONS = ["north", "south", "east", "west", "upper", "lower", "inner", "outer", "little", "new", "central",
                "eastern", "western", "northern", "southern", "hidden", "royal", "main", "rear", "coastal"]
@@ -150,12 +152,12 @@ def generate_needle_squad(
         seed / split: the stream; the same pair always gives the same documents.
     """
     if not 0.0 <= unanswerable_fraction <= 1.0:
-        raise ValueError(f"unanswerable_fraction must be in [0, 1], got {unanswerable_fraction}")
+        raise InputError(f"unanswerable_fraction must be in [0, 1], got {unanswerable_fraction}")
     if not 0 <= num_distractors < MAX_FACTS:
-        raise ValueError(f"num_distractors must be in [0, {MAX_FACTS - 1}] (entities of a document share no word), "
+        raise InputError(f"num_distractors must be in [0, {MAX_FACTS - 1}] (entities of a document share no word), "
                          f"got {num_distractors}")
     if mentions < 0:
-        raise ValueError(f"mentions must be >= 0, got {mentions}")
+        raise InputError(f"mentions must be >= 0, got {mentions}")
     rng = random.Random(f"needle:{split}:{seed}")
     articles = []
     for i in range(num_examples):
@@ -220,23 +222,20 @@ def needle_file(
 ) -> Path:
     """Path of the needle JSON for these parameters under ``cache_dir/needle/``, written on first use.
 
-    The file is written to a unique temporary name and renamed into place, so a crash or a concurrent writer
-    never leaves a half-written file under the final name.
+    The file is written with `~topk_lightning.atomic.atomic_output`, so a crash or a concurrent writer never leaves
+    a half-written file under the final name.
     """
     params = dict(split=split, num_examples=num_examples, document_words=document_words,
-                  num_distractors=num_distractors, mentions=mentions, unanswerable_fraction=unanswerable_fraction, seed=seed, version=3)
+                  num_distractors=num_distractors, mentions=mentions, unanswerable_fraction=unanswerable_fraction, seed=seed,
+                  version=3)
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir).expanduser() / "needle" / f"needle-{split}-{key}.json"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     data = generate_needle_squad(num_examples=num_examples, document_words=document_words,
-                                 num_distractors=num_distractors, mentions=mentions, unanswerable_fraction=unanswerable_fraction,
-                                 seed=seed, split=split)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+                                 num_distractors=num_distractors, mentions=mentions,
+                                 unanswerable_fraction=unanswerable_fraction, seed=seed, split=split)
+    with atomic_output(path) as partial:
+        partial.write_text(json.dumps(data), encoding="utf-8")
     return path

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from topk_lightning.errors import InputError
+
 
 def context_bounds(sequence_ids: Sequence[int | None]) -> tuple[int, int] | None:
     """First and last token index of the context (sequence id 1) in a window; ``None`` when it has none."""
@@ -137,7 +139,7 @@ class QAFeaturizer:
         try:
             first = self.windowing.post_process(question, context, add_special_tokens=True)
         except Exception as error:  # the Rust tokenizer raises a bare Exception for truncation errors
-            raise ValueError(
+            raise InputError(
                 f"example id {example_id!r}: cannot cut windows of {self.max_length} tokens with doc_stride "
                 f"{self.doc_stride} ({error})"
             ) from None

@@ -17,6 +17,7 @@ from topk_lightning.data.needle import needle_file
 from topk_lightning.data.qa_features import QAFeaturizer, examples_to_indexed_columns
 from topk_lightning.data.squad import join_paragraphs as join_article_paragraphs
 from topk_lightning.data.squad import load_qa_examples
+from topk_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +38,15 @@ class QADataModule(BaseDataModule):
     ``answers`` is ``[]`` for every example.
 
     Args:
-        tokenizer: fast tokenizer name or path (question first); ``None`` = the bundled MiniLM tokenizer.
-        train_file, validation_file, test_file, predict_file: local ``.json``/``.jsonl``/``.parquet`` files.
         dataset: built-in dataset used when no file is given: ``"needle"`` (see ``topk_lightning.data.needle``).
         max_length: tokens per window including special tokens (tens of thousands are fine).
         doc_stride: tokens shared by neighbouring windows of one context; must be smaller than
             ``max_length - max_question_length - 4``.
         max_question_length: questions are cut to this many tokens.
-        batch_size, eval_batch_size, num_workers, pad_to_multiple_of, group_by_length, seed, cache_dir:
-            see ``BaseDataModule``.
+        batch_size: training batch size (windows per step).
         join_paragraphs: one example per (article, question) whose context is the article's paragraphs joined by
             ``paragraph_separator`` (turns SQuAD into a long-document task; answer offsets are shifted).
         paragraph_separator: text between joined paragraphs.
-        skip_invalid: drop bad examples (counted, one warning per file) instead of raising ``ValueError``.
-        limit_train_examples / limit_eval_examples: keep only the first N examples (questions) of the training /
-            each evaluation split, for quick runs; ``None`` = all.
         needle_train_examples / needle_eval_examples: documents in the needle train / validation and test splits.
         needle_document_words: approximate filler words per needle training document (about 1.2 word-pieces per
             word; the facts come on top).
@@ -60,30 +55,21 @@ class QADataModule(BaseDataModule):
         needle_distractors: facts of the same form as the answer about other entities, per document.
         needle_unanswerable_fraction: share of needle questions with no answer in the document (0 = none).
         needle_seed: seed of the needle generator (train, validation and test use different streams of it).
+        **kwargs: the options shared with the other data modules (``tokenizer``, ``train_file``,
+            ``validation_file``, ``test_file``, ``predict_file``, ``eval_batch_size``, ``skip_invalid``,
+            ``limit_train_examples``, ``limit_eval_examples``, ...): see `BaseDataModule`. A limit counts questions.
     """
 
     def __init__(
         self,
         *,
-        tokenizer: str | None = None,
-        train_file: str | None = None,
-        validation_file: str | None = None,
-        test_file: str | None = None,
-        predict_file: str | None = None,
         dataset: Literal["needle"] | None = None,
         max_length: int = 4096,
         doc_stride: int = 128,
         max_question_length: int = 64,
         batch_size: int = 4,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
         join_paragraphs: bool = False,
         paragraph_separator: str = "\n\n",
-        pad_to_multiple_of: int | None = 64,
-        group_by_length: bool = False,
-        skip_invalid: bool = False,
-        limit_train_examples: int | None = None,
-        limit_eval_examples: int | None = None,
         needle_train_examples: int = 2000,
         needle_eval_examples: int = 200,
         needle_document_words: int = 2000,
@@ -91,28 +77,18 @@ class QADataModule(BaseDataModule):
         needle_distractors: int = 8,
         needle_unanswerable_fraction: float = 0.0,
         needle_seed: int = 0,
-        seed: int = 42,
-        cache_dir: str | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(tokenizer=tokenizer, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                         num_workers=num_workers, pad_to_multiple_of=pad_to_multiple_of,
-                         group_by_length=group_by_length, seed=seed, cache_dir=cache_dir)
+        super().__init__(batch_size=batch_size, **kwargs)
         if dataset is not None and dataset not in _BUILTIN:
-            raise ValueError(f"unknown built-in dataset {dataset!r}; available: {sorted(_BUILTIN)}")
+            raise InputError(f"unknown built-in dataset {dataset!r}; available: {sorted(_BUILTIN)}")
         if max_question_length < 1 or doc_stride < 0:
-            raise ValueError("max_question_length must be >= 1 and doc_stride >= 0")
+            raise InputError("max_question_length must be >= 1 and doc_stride >= 0")
         if doc_stride >= max_length - max_question_length - 4:
-            raise ValueError(
+            raise InputError(
                 f"doc_stride ({doc_stride}) must be smaller than max_length - max_question_length - 4 "
                 f"({max_length} - {max_question_length} - 4), the context room of the smallest window"
             )
-        for name, value in (("limit_train_examples", limit_train_examples),
-                            ("limit_eval_examples", limit_eval_examples)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        self.save_hyperparameters()
-        self.files = {"train": train_file, "validation": validation_file, "test": test_file,
-                      "predict": predict_file}
         self.dataset = dataset
         if dataset is not None and any(self.files.values()):
             log.info("data files were given, so the built-in dataset %r is ignored", dataset)
@@ -122,21 +98,17 @@ class QADataModule(BaseDataModule):
         self.max_question_length = max_question_length
         self.join_paragraphs = join_paragraphs
         self.paragraph_separator = paragraph_separator
-        self.skip_invalid = skip_invalid
-        self.limits = {"train": limit_train_examples, "validation": limit_eval_examples,
-                       "test": limit_eval_examples, "predict": limit_eval_examples}
         self.needle = dict(num_distractors=needle_distractors, unanswerable_fraction=needle_unanswerable_fraction,
                            seed=needle_seed)
         eval_words = needle_document_words if needle_eval_document_words is None else needle_eval_document_words
         self.needle_words = {"train": needle_document_words, "validation": eval_words, "test": eval_words}
-        self.skipped: dict[str, int] = {}  # split -> invalid examples dropped (with skip_invalid)
         self.needle_counts = {"train": needle_train_examples, "validation": needle_eval_examples,
                               "test": needle_eval_examples}
 
     def source_file(self, split: str) -> Path | None:
         """The file that feeds ``split`` (generating the built-in dataset's file on first use), or ``None``."""
         if any(self.files.values()):
-            return Path(self.files[split]).expanduser() if self.files[split] else None
+            return self.file(split)
         if self.dataset == "needle":
             needle_split = _NEEDLE_SPLITS[split]
             return needle_file(self.cache_dir, split=needle_split, num_examples=self.needle_counts[needle_split],
@@ -157,10 +129,9 @@ class QADataModule(BaseDataModule):
                                                          skip_invalid=self.skip_invalid)
         if self.join_paragraphs:
             examples = join_article_paragraphs(examples, separator=self.paragraph_separator)
-        if self.limits[split] is not None:
-            examples = examples[: self.limits[split]]
+        examples = self.limit(examples, split)
         if not examples:
-            raise ValueError(f"{path}: no usable examples for the {split} split")
+            raise InputError(f"{path}: no usable examples for the {split} split")
         return examples
 
     def build_split(self, split: str) -> FeatureDataset | None:

@@ -15,6 +15,8 @@ Accepted inputs (``load_qa_examples``):
 - JSON lines (``.jsonl``, or a ``.json`` file that holds one record per line);
 - parquet (read with pyarrow, the engine under ``datasets``).
 
+Files are read by `topk_lightning.data.files`; this module turns their records into checked examples.
+
 Flat records have ``id``, ``question``, ``context`` and ``answers``, where ``answers`` is either
 ``{"text": [...], "answer_start": [...]}`` or a list of ``{"text", "answer_start"}`` objects.
 
@@ -23,18 +25,20 @@ Every example is checked (``validate_example``); the error names the file, the e
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from topk_lightning.data.files import read_file, records_of
+from topk_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
 
 Example = dict[str, Any]
 
 
-class InvalidExampleError(ValueError):
+class InvalidExampleError(InputError):
     """An example that breaks the format; the message names the file and the example id."""
 
 
@@ -166,66 +170,14 @@ def _is_nested_squad(data: Any) -> bool:
     )
 
 
-def _read_jsonl(path: Path, text: str) -> list:
-    records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{path}: malformed JSON on line {line_number}: {error.msg} (column {error.colno})"
-            ) from None
-    return records
-
-
-def read_records(path: str | Path) -> list:
-    """Read the raw records of a QA or classification file (JSON, JSONL, CSV or parquet) without validating them.
-
-    Nested SQuAD JSON is flattened. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the
-    file (and line) for malformed content or an unknown extension.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as error:  # pyarrow raises several types for a broken file
-            raise ValueError(f"{path}: cannot read parquet: {error}") from None
-    if suffix == ".csv":
-        import csv
-
-        with path.open(newline="", encoding="utf-8") as handle:
-            try:
-                return list(csv.DictReader(handle))
-            except csv.Error as error:
-                raise ValueError(f"{path}: malformed CSV: {error}") from None
-    if suffix not in (".json", ".jsonl"):
-        raise ValueError(f"{path}: unsupported file type {suffix!r} (expected .json, .jsonl, .csv or .parquet)")
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".jsonl":
-        return _read_jsonl(path, text)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        lines = [line for line in text.splitlines() if line.strip()]
-        if len(lines) > 1 and lines[0].lstrip().startswith("{") and lines[0].rstrip().endswith("}"):
-            return _read_jsonl(path, text)  # JSON lines saved as .json
-        raise ValueError(
-            f"{path}: malformed JSON: {error.msg} at line {error.lineno} column {error.colno}"
-        ) from None
+def read_qa_records(path: str | Path) -> list:
+    """The raw records of a QA file (see the module docstring), nested SQuAD flattened; not yet validated."""
+    if Path(path).suffix.lower() == ".csv":
+        raise InputError(f"{path}: QA data must be JSON, JSONL or parquet, not CSV")
+    data = read_file(path)
     if _is_nested_squad(data):
         return flatten_squad(data, source=str(path))
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        return data["data"]
-    if isinstance(data, list):
-        return data
-    raise ValueError(f"{path}: expected a list of records, {{'data': [...]}} or nested SQuAD JSON")
+    return records_of(data, source=path)
 
 
 def validate_examples(
@@ -259,9 +211,7 @@ def load_qa_examples(
     path: str | Path, *, require_answers: bool = True, skip_invalid: bool = False
 ) -> tuple[list[Example], int]:
     """Read and validate one QA file; return ``(examples, number_skipped)``. See the module docstring for formats."""
-    records = read_records(path)
-    if Path(path).suffix.lower() == ".csv":
-        raise ValueError(f"{path}: QA data must be JSON, JSONL or parquet, not CSV")
+    records = read_qa_records(path)
     return validate_examples(records, source=str(path), require_answers=require_answers, skip_invalid=skip_invalid)
 
 

@@ -10,6 +10,11 @@ Everything else -- loading the encoder, extending its position table, patching i
 top-k feed-forward layers, gradient checkpointing, AdamW with a linear warm-up/decay schedule, saving
 hyperparameters for ``load_from_checkpoint`` and :meth:`~TopKTransformerModule.export` -- is shared.
 
+A task module declares only its own ``__init__`` arguments and forwards the rest with ``**kwargs``; the CLI
+(jsonargparse) follows ``super().__init__(**kwargs)`` and still lists every option with its type and default. The
+encoder options become a `~topk_lightning.patching.TopKConfig` in one place, :meth:`TopKTransformerModule.build_topk_config`,
+which is also where they are checked.
+
 ::
 
     batch ─► encode() ─► backbone (AutoModel, "topk" | "sdpa" | "eager") ─► (B, T, H) ─► head ─► loss
@@ -17,11 +22,10 @@ hyperparameters for ``load_from_checkpoint`` and :meth:`~TopKTransformerModule.e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,11 +33,34 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from topk_lightning.atomic import atomic_output
+from topk_lightning.errors import InputError
+from topk_lightning.patching import TopKConfig, apply_topk, extend_position_embeddings, max_input_tokens, plain_config
+
 log = logging.getLogger(__name__)
 
-__all__ = ["TopKTransformerModule", "default_backbone", "linear_warmup_decay", "parameter_groups"]
+__all__ = ["ENCODER_ONLY_CLASSES", "TopKTransformerModule", "default_backbone", "linear_warmup_decay",
+           "parameter_groups"]
 
 Attention = Literal["topk", "sdpa", "eager"]
+ATTENTIONS = ("topk", "sdpa", "eager")
+
+#: Module option -> `TopKConfig` field. A new TopKConfig field becomes a module option by one entry here and one
+#: ``__init__`` argument.
+TOPK_CONFIG_OPTIONS = {
+    "topk": "topk",
+    "query_chunk_size": "query_chunk_size",
+    "ff_chunk_size": "ff_chunk_size",
+    "ff_topk": "ff_topk",
+    "topk_layers": "layers",
+    "attention_backend": "backend",
+}
+_TOPK_DEFAULTS = TopKConfig()
+
+#: Encoder-decoder families whose encoder alone is the backbone (the heads here read encoder states): model_type ->
+#: the transformers class of the bare encoder. Seq2seq checkpoints (t5-base, UnifiedQA, flan-t5) load into it and
+#: leave their decoder out.
+ENCODER_ONLY_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
 
 def default_backbone() -> str:
@@ -87,22 +114,26 @@ class TopKTransformerModule(LightningModule):
             ``None``: the bundled pretrained all-MiniLM-L6-v2.
         attention: ``"topk"`` (top-k attention via :func:`topk_lightning.apply_topk`), or ``"sdpa"`` / ``"eager"``
             (vanilla attention; the same recipe then compares top-k with the dense baseline).
-        topk: keys kept per query (``attention="topk"`` only); ``>= 1``.
+        topk: keys kept per query (``attention="topk"`` only; checked whatever the attention); ``>= 1``.
         query_chunk_size: queries scored at a time by top-k attention; bounds the L x L score block to
-            ``query_chunk_size x L``.
+            ``query_chunk_size x L``; ``>= 1``.
         ff_chunk_size: run feed-forward layers over chunks of this many tokens with recomputation in backward
             (exact, saves memory); ``None`` = off. Applied with either attention.
         ff_topk: keep this many hidden units per token in feed-forward layers (approximate); ``None`` = dense.
-        topk_layers: indices of the layers to patch; ``None`` = all.
+        topk_layers: indices of the layers to patch (``TopKConfig.layers``); ``None`` = all.
+        attention_backend: implementation of top-k attention (``TopKConfig.backend``): ``"auto"`` runs the Triton
+            kernels on CUDA GPUs and PyTorch elsewhere; ``"torch"`` or ``"triton"`` force one.
         max_positions: extend learned absolute position embeddings to this many positions when it exceeds the
             pretrained table (copies of the learned table, as Longformer); ``None`` or smaller = unchanged.
         gradient_checkpointing: recompute each layer in backward (transformers' non-reentrant checkpointing).
         tokenizer: tokenizer directory saved by :meth:`export`; ``None`` = ``backbone`` (when it has one).
         learning_rate: AdamW peak learning rate.
         weight_decay: AdamW weight decay (not applied to biases and normalisation weights).
-        warmup_ratio: fraction of ``trainer.estimated_stepping_batches`` used for the linear warm-up.
-        warmup_steps: absolute warm-up steps; overrides ``warmup_ratio`` when set.
+        warmup_ratio: fraction of ``trainer.estimated_stepping_batches`` used for the linear warm-up, in [0, 1].
+        warmup_steps: absolute warm-up steps (>= 0); overrides ``warmup_ratio`` when set.
         adam_epsilon: AdamW epsilon.
+
+    Invalid values raise `~topk_lightning.errors.InputError` naming the option.
     """
 
     #: ``__init__`` arguments of a subclass that are not saved as hyperparameters (output paths and the like).
@@ -113,11 +144,12 @@ class TopKTransformerModule(LightningModule):
         *,
         backbone: str | None = None,
         attention: Attention = "topk",
-        topk: int = 64,
-        query_chunk_size: int = 1024,
-        ff_chunk_size: int | None = None,
-        ff_topk: int | None = None,
-        topk_layers: list[int] | None = None,
+        topk: int = _TOPK_DEFAULTS.topk,
+        query_chunk_size: int = _TOPK_DEFAULTS.query_chunk_size,
+        ff_chunk_size: int | None = _TOPK_DEFAULTS.ff_chunk_size,
+        ff_topk: int | None = _TOPK_DEFAULTS.ff_topk,
+        topk_layers: list[int] | None = _TOPK_DEFAULTS.layers,
+        attention_backend: Literal["auto", "torch", "triton"] = _TOPK_DEFAULTS.backend,
         max_positions: int | None = None,
         gradient_checkpointing: bool = False,
         tokenizer: str | None = None,
@@ -128,22 +160,20 @@ class TopKTransformerModule(LightningModule):
         adam_epsilon: float = 1e-8,
     ) -> None:
         super().__init__()
-        if attention not in ("topk", "sdpa", "eager"):
-            raise ValueError(f"attention must be 'topk', 'sdpa' or 'eager', got {attention!r}")
-        for name, value in (("topk", topk), ("query_chunk_size", query_chunk_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name, value in (("ff_chunk_size", ff_chunk_size), ("ff_topk", ff_topk), ("max_positions", max_positions)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        name = type(self).__name__
+        if attention not in ATTENTIONS:
+            raise InputError(f"{name}: attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        if max_positions is not None and max_positions < 1:
+            raise InputError(f"{name}: max_positions must be >= 1 or None, got {max_positions}")
         if not 0.0 <= warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {warmup_ratio}")
+            raise InputError(f"{name}: warmup_ratio must be in [0, 1], got {warmup_ratio}")
         if warmup_steps is not None and warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0 or None, got {warmup_steps}")
+            raise InputError(f"{name}: warmup_steps must be >= 0 or None, got {warmup_steps}")
         # Collects the arguments of this and every subclass __init__, so load_from_checkpoint rebuilds the same model.
         # Run-time options (where to write outputs) are left out: LightningCLI lets a checkpoint's hyperparameters
         # override the command line, which must not happen to them.
         self.save_hyperparameters(ignore=list(self.runtime_arguments))
+        self.topk_config = self.build_topk_config()
         self.backbone = self.build_backbone()
         self.head = self.build_head(self.backbone.config.hidden_size)
 
@@ -154,35 +184,54 @@ class TopKTransformerModule(LightningModule):
         return self.hparams.backbone or default_backbone()
 
     def load_pretrained(self, path: str, attn_implementation: str) -> nn.Module:
-        """Load the pretrained model. Default: the bare encoder (``AutoModel``), whose last hidden states
-        :meth:`encode` returns. A subclass may return a task model instead (e.g. ``AutoModelForSequenceClassification``,
-        to train and export the family's own head); patching, positions and export work on either."""
-        from transformers import AutoModel
+        """Load the pretrained model. Default: the bare encoder (``AutoModel``; for T5, MT5 and UMT5 the encoder
+        alone, `ENCODER_ONLY_CLASSES`), whose last hidden states :meth:`encode` returns. A subclass may return a task
+        model instead (e.g. ``AutoModelForSequenceClassification``, to train and export the family's own head);
+        patching, positions and export work on either."""
+        import transformers
 
-        return AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
+        config = transformers.AutoConfig.from_pretrained(path)
+        encoder_only = ENCODER_ONLY_CLASSES.get(config.model_type)
+        model_class = getattr(transformers, encoder_only) if encoder_only else transformers.AutoModel
+        return model_class.from_pretrained(path, config=config, attn_implementation=attn_implementation)
+
+    def build_topk_config(self) -> TopKConfig:
+        """The `TopKConfig` made of this module's options (`TOPK_CONFIG_OPTIONS`), which also checks them.
+
+        With dense attention (``attention`` "sdpa" or "eager") its ``topk`` is ``None``: `apply_topk` then leaves the
+        attention alone and patches only the feed-forward layers, if ``ff_chunk_size`` or ``ff_topk`` asks for it.
+        """
+        hp = self.hparams
+        try:
+            config = TopKConfig(**{field: hp[option] for option, field in TOPK_CONFIG_OPTIONS.items()})
+        except InputError as error:
+            message = str(error)
+            for option, field in TOPK_CONFIG_OPTIONS.items():
+                message = message.replace(f"TopKConfig.{field} ", f"{option} ")
+            raise InputError(f"{type(self).__name__}: {message}") from None
+        return config if hp.attention == "topk" else dataclasses.replace(config, topk=None)
 
     def build_backbone(self) -> nn.Module:
-        """Load the model (:meth:`load_pretrained`), extend its positions and patch in top-k attention when asked."""
-        import topk_lightning
-
+        """Load the model (:meth:`load_pretrained`), extend its positions and patch it with :attr:`topk_config`."""
         hp = self.hparams
         # Top-k is patched onto an sdpa model; that way the loaded weights never depend on the attention choice.
         implementation = "sdpa" if hp.attention == "topk" else hp.attention
-        model = self.load_pretrained(self.backbone_path, implementation)
+        name, path = type(self).__name__, self.backbone_path
+        try:
+            model = self.load_pretrained(path, implementation)
+        except OSError as error:  # no such directory, no weights in it, or a name not in the offline cache
+            raise InputError(f"{name}: cannot load backbone {path!r} ({error})") from None
+        except ValueError as error:  # transformers: this architecture has no such attention implementation
+            if hp.attention != "topk":
+                raise InputError(f"{name}: cannot load backbone {path!r} with attention={hp.attention!r} ({error})") \
+                    from None
+            # Without sdpa support top-k cannot plug in either; load it eagerly so that apply_topk names the class.
+            model = self.load_pretrained(path, "eager")
         if hp.max_positions is not None:
             self._extend_positions(model, hp.max_positions)
-        if hp.attention == "topk" or hp.ff_chunk_size is not None or hp.ff_topk is not None:
-            config = topk_lightning.TopKConfig(
-                topk=hp.topk,
-                query_chunk_size=hp.query_chunk_size,
-                ff_chunk_size=hp.ff_chunk_size,
-                ff_topk=hp.ff_topk,
-                layers=hp.topk_layers,
-            )
-            model = topk_lightning.apply_topk(model, config)
-            if hp.attention != "topk":
-                # Only the feed-forward options were asked for: keep the vanilla attention.
-                model.set_attn_implementation(hp.attention)
+        config = self.topk_config
+        if config.topk is not None or config.ff_chunk_size is not None or config.ff_topk is not None:
+            apply_topk(model, config)
         if hp.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
                 model.activation_checkpointing_enable({"use_reentrant": False})
@@ -200,11 +249,9 @@ class TopKTransformerModule(LightningModule):
 
     @staticmethod
     def _extend_positions(model: nn.Module, max_positions: int) -> None:
-        import topk_lightning
-
         try:
             # A no-op when the table is long enough (RoBERTa-style offsets are handled there).
-            topk_lightning.extend_position_embeddings(model, max_positions)
+            extend_position_embeddings(model, max_positions)
         except ValueError:
             # No learned absolute table (relative or rotary positions): nothing to extend unless the config says
             # the model is too short.
@@ -260,6 +307,17 @@ class TopKTransformerModule(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
+    def on_train_start(self) -> None:
+        # A resumed run gets back the optimiser's learning rate of the step it stopped at, computed for that run's
+        # length. Recompute it with this run's schedule (configure_optimizers uses this run's stepping batches), so a
+        # run of 2 steps resumed with max_steps=4 follows the 4-step schedule from step 2 on.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                                  scheduler.lr_lambdas):
+                    group["lr"] = base_lr * factor(scheduler.last_epoch)
+
     # ------------------------------------------------------------------ export
     def export_model(self) -> nn.Module:
         """The Hugging Face model that :meth:`export` saves; default the encoder. Subclasses may add their head."""
@@ -267,8 +325,7 @@ class TopKTransformerModule(LightningModule):
 
     def _vanilla_copy(self, model: nn.Module) -> nn.Module:
         """A fresh, unpatched copy of ``model`` (same class, config and weights) for ``save_pretrained``."""
-        config = _plain_config(model.config)
-        fresh = type(model)._from_config(config, attn_implementation="sdpa")
+        fresh = type(model)._from_config(plain_config(model.config), attn_implementation="sdpa")
         fresh.load_state_dict(model.state_dict())
         return fresh
 
@@ -277,52 +334,36 @@ class TopKTransformerModule(LightningModule):
 
         The directory reloads with plain transformers (the task's ``AutoModelFor...`` class: question answering,
         sequence classification; ``AutoModel`` for the bare encoder), and with ``attn_implementation="topk"`` after
-        ``import topk_lightning``. Everything is written to a temporary sibling directory first and renamed into place,
-        so an interrupted export never leaves a half-written model at ``path`` (an existing export there is replaced).
-        Returns the directory.
+        ``import topk_lightning``. The tokenizer's ``model_max_length`` is set to the positions the model has (2,048
+        after ``max_positions=2048``), so transformers neither truncates nor warns below that. The directory is
+        written with `~topk_lightning.atomic.atomic_output`: an interrupted export never leaves a half-written model at
+        ``path``, and an existing export there is replaced. Returns the directory.
         """
         path = Path(path)
         if path.exists() and not path.is_dir():
-            raise FileExistsError(f"export: {path} exists and is not a directory")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-        try:
-            self.export_model().save_pretrained(staging)
-            tokenizer_source = self.hparams.get("tokenizer") or self.backbone_path
-            try:
-                from transformers import AutoTokenizer
-
-                AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(staging)
-            except (OSError, ValueError) as error:
-                log.warning("export: no tokenizer saved (none found at %s: %s)", tokenizer_source, error)
-            self.export_extra(staging)
-            _move_into_place(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            raise InputError(f"export: {path} exists and is not a directory")
+        with atomic_output(path) as partial:
+            partial.mkdir()
+            self.export_model().save_pretrained(partial)
+            self.export_tokenizer(partial)
+            self.export_extra(partial)
         return path
+
+    def export_tokenizer(self, path: Path) -> None:
+        """Save the tokenizer (``tokenizer`` option, else the backbone's) beside the model, with ``model_max_length``
+        set to the number of positions the model has; log a warning when there is none."""
+        from transformers import AutoTokenizer
+
+        source = self.hparams.get("tokenizer") or self.backbone_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            log.warning("export: no tokenizer saved (none found at %s: %s)", source, error)
+            return
+        positions = max_input_tokens(self.backbone)
+        if positions is not None:
+            tokenizer.model_max_length = positions
+        tokenizer.save_pretrained(path)
 
     def export_extra(self, path: Path) -> None:
         """Save anything else a task needs beside the Hugging Face model (default: nothing)."""
-
-
-def _move_into_place(staging: Path, path: Path) -> None:
-    """Rename the finished ``staging`` directory to ``path``, replacing a previous directory there."""
-    if not path.exists():
-        os.replace(staging, path)
-        return
-    # A non-empty directory cannot be replaced in one rename: move the old one aside first, then drop it.
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.replace(path, old / path.name)
-    os.replace(staging, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _plain_config(config: Any) -> Any:
-    """A copy of ``config`` with the top-k attention name replaced by sdpa, so the export loads anywhere."""
-    import copy
-
-    config = copy.deepcopy(config)
-    if getattr(config, "_attn_implementation", None) == "topk" or getattr(config, "_attn_implementation", None) is None:
-        config._attn_implementation = "sdpa"
-    return config

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from topk_lightning.modules.base import Attention, TopKTransformerModule
+from topk_lightning.errors import InputError
+from topk_lightning.modules.base import ENCODER_ONLY_CLASSES, TopKTransformerModule
 
 __all__ = ["SequenceClassificationModule"]
 
@@ -20,8 +21,7 @@ class SequenceClassificationModule(TopKTransformerModule):
     """Classify whole (long) documents.
 
     Batches carry ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer makes them) and
-    ``labels`` (B,) class indices (absent in predict batches). Encoder and optimiser arguments are those of
-    :class:`~topk_lightning.modules.base.TopKTransformerModule`.
+    ``labels`` (B,) class indices (absent in predict batches).
 
     Args:
         num_labels: number of classes (>= 2); the CLI links it from the data module's ``num_labels``.
@@ -34,6 +34,8 @@ class SequenceClassificationModule(TopKTransformerModule):
             dropout + a linear layer of this module; the export then holds the encoder plus
             ``classification_head.safetensors``.
         classifier_dropout: dropout before the classifier (``"model"``: set on the config as the family names it).
+        **kwargs: the encoder and optimiser options (``backbone``, ``attention``, ``topk``, ``query_chunk_size``,
+            ``learning_rate``, ...) of :class:`~topk_lightning.modules.base.TopKTransformerModule`.
 
     Logged metrics: ``train/loss``; ``val/loss``, ``val/acc``, ``val/f1`` (macro); the same under ``test/``.
     ``predict`` returns the predicted class indices per batch.
@@ -42,49 +44,20 @@ class SequenceClassificationModule(TopKTransformerModule):
     def __init__(
         self,
         *,
-        backbone: str | None = None,
-        attention: Attention = "topk",
-        topk: int = 64,
-        query_chunk_size: int = 1024,
-        ff_chunk_size: int | None = None,
-        ff_topk: int | None = None,
-        topk_layers: list[int] | None = None,
-        max_positions: int | None = None,
-        gradient_checkpointing: bool = False,
-        tokenizer: str | None = None,
-        learning_rate: float = 5e-5,
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.1,
-        warmup_steps: int | None = None,
-        adam_epsilon: float = 1e-8,
         num_labels: int = 2,
         class_names: list[str] | None = None,
         pooling: Literal["model", "cls", "mean"] = "model",
         classifier_dropout: float = 0.1,
+        **kwargs,
     ) -> None:
+        name = type(self).__name__
         if num_labels < 2:
-            raise ValueError(f"num_labels must be >= 2, got {num_labels}")
+            raise InputError(f"{name}: num_labels must be >= 2, got {num_labels}")
         if class_names is not None and len(class_names) != num_labels:
-            raise ValueError(f"class_names has {len(class_names)} names for num_labels={num_labels}: {class_names}")
+            raise InputError(f"{name}: class_names has {len(class_names)} names for num_labels={num_labels}: {class_names}")
         if pooling not in ("model", "cls", "mean"):
-            raise ValueError(f"pooling must be 'model', 'cls' or 'mean', got {pooling!r}")
-        super().__init__(
-            backbone=backbone,
-            attention=attention,
-            topk=topk,
-            query_chunk_size=query_chunk_size,
-            ff_chunk_size=ff_chunk_size,
-            ff_topk=ff_topk,
-            topk_layers=topk_layers,
-            max_positions=max_positions,
-            gradient_checkpointing=gradient_checkpointing,
-            tokenizer=tokenizer,
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            warmup_ratio=warmup_ratio,
-            warmup_steps=warmup_steps,
-            adam_epsilon=adam_epsilon,
-        )
+            raise InputError(f"{name}: pooling must be 'model', 'cls' or 'mean', got {pooling!r}")
+        super().__init__(**kwargs)
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_{name}": metric
@@ -113,6 +86,12 @@ class SequenceClassificationModule(TopKTransformerModule):
             label2id={name: i for i, name in enumerate(names)},
             problem_type="single_label_classification",
         )
+        if config.model_type in ENCODER_ONLY_CLASSES:
+            raise InputError(
+                f"pooling='model' is not available for {config.model_type} backbones: its "
+                "AutoModelForSequenceClassification runs the decoder over the whole input too; use pooling='mean' or "
+                "'cls' (a head on the encoder states)"
+            )
         # Each family names its head dropout differently.
         for name in ("classifier_dropout", "classifier_dropout_prob", "seq_classif_dropout"):
             if hasattr(config, name):

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from topk_lightning.modules.base import Attention, TopKTransformerModule
+from topk_lightning.atomic import atomic_output
+from topk_lightning.errors import InputError
+from topk_lightning.modules.base import ENCODER_ONLY_CLASSES, TopKTransformerModule
 from topk_lightning.modules.metrics import squad_v1_metrics, squad_v2_metrics
 from topk_lightning.modules.qa_decoding import (
     FeatureResult,
@@ -27,18 +29,16 @@ from topk_lightning.modules.qa_decoding import (
     batch_feature_results,
     gold_answers,
 )
+from topk_lightning.patching import plain_config
 
 __all__ = ["ExtractiveQAModule", "write_predictions"]
 
 
 def write_predictions(predictions: dict[str, str], path: str | os.PathLike) -> Path:
-    """Write ``{id: answer}`` as JSON atomically (a temporary name in the same directory, then a rename)."""
+    """Write ``{id: answer}`` as JSON with `~topk_lightning.atomic.atomic_output` (complete or not at all)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(predictions, handle, ensure_ascii=False, indent=2)
-    os.replace(tmp, path)
+    with atomic_output(path) as partial:
+        partial.write_text(json.dumps(predictions, ensure_ascii=False, indent=2), encoding="utf-8")
     return path
 
 
@@ -46,8 +46,7 @@ class ExtractiveQAModule(TopKTransformerModule):
     """Span-extraction QA (SQuAD-style) on a top-k (or vanilla) encoder.
 
     The head is one linear layer giving a start and an end logit per token (as Hugging Face's ``qa_outputs``); the
-    loss is the mean of the start and end cross-entropies. Encoder and optimiser arguments are those of
-    :class:`~topk_lightning.modules.base.TopKTransformerModule`.
+    loss is the mean of the start and end cross-entropies.
 
     Args:
         version_2_with_negative: SQuAD v2 mode: predict "no answer" (``""``) when the null score beats the best span
@@ -55,8 +54,11 @@ class ExtractiveQAModule(TopKTransformerModule):
         null_score_threshold: margin for the null answer (SQuAD v2 only); higher = fewer empty answers.
         n_best_size: spans kept per window when decoding.
         max_answer_length: longest answer in tokens.
-        predictions_file: where ``predict`` writes ``{id: answer}`` JSON; ``None`` = keep them in
-            ``module.predictions`` only. A run-time option: not saved with the hyperparameters.
+        predictions_file: where ``predict`` writes ``{id: answer}`` JSON; ``None`` = ``predictions.json`` in the
+            run's log directory (``trainer.log_dir``). The path is printed. A run-time option: not saved with the
+            hyperparameters, so a checkpoint never overrides it.
+        **kwargs: the encoder and optimiser options (``backbone``, ``attention``, ``topk``, ``query_chunk_size``,
+            ``learning_rate``, ...) of :class:`~topk_lightning.modules.base.TopKTransformerModule`.
 
     Logged metrics (percentages): ``val/em``, ``val/f1`` (SQuAD v1 via torchmetrics, or v2 overall), with
     ``version_2_with_negative`` also ``val/has_ans_em``, ``val/has_ans_f1``, ``val/no_ans_em``, ``val/no_ans_f1``;
@@ -68,48 +70,19 @@ class ExtractiveQAModule(TopKTransformerModule):
     def __init__(
         self,
         *,
-        backbone: str | None = None,
-        attention: Attention = "topk",
-        topk: int = 64,
-        query_chunk_size: int = 1024,
-        ff_chunk_size: int | None = None,
-        ff_topk: int | None = None,
-        topk_layers: list[int] | None = None,
-        max_positions: int | None = None,
-        gradient_checkpointing: bool = False,
-        tokenizer: str | None = None,
-        learning_rate: float = 5e-5,
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.1,
-        warmup_steps: int | None = None,
-        adam_epsilon: float = 1e-8,
         version_2_with_negative: bool = False,
         null_score_threshold: float = 0.0,
         n_best_size: int = 20,
         max_answer_length: int = 30,
         predictions_file: str | None = None,
+        **kwargs,
     ) -> None:
         if n_best_size < 1 or max_answer_length < 1:
-            raise ValueError(
-                f"n_best_size and max_answer_length must be >= 1, got {n_best_size} and {max_answer_length}"
+            raise InputError(
+                f"{type(self).__name__}: n_best_size and max_answer_length must be >= 1, got {n_best_size} and "
+                f"{max_answer_length}"
             )
-        super().__init__(
-            backbone=backbone,
-            attention=attention,
-            topk=topk,
-            query_chunk_size=query_chunk_size,
-            ff_chunk_size=ff_chunk_size,
-            ff_topk=ff_topk,
-            topk_layers=topk_layers,
-            max_positions=max_positions,
-            gradient_checkpointing=gradient_checkpointing,
-            tokenizer=tokenizer,
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            warmup_ratio=warmup_ratio,
-            warmup_steps=warmup_steps,
-            adam_epsilon=adam_epsilon,
-        )
+        super().__init__(**kwargs)
         self.predictions_file = predictions_file
         self.predictions: dict[str, str] = {}
         self._results: list[FeatureResult] = []
@@ -202,7 +175,7 @@ class ExtractiveQAModule(TopKTransformerModule):
             self.log(f"{stage}/{name}", value, prog_bar=name in ("em", "f1"), sync_dist=True)
         if not self.trainer.sanity_checking:
             summary = "  ".join(f"{name}={value:.2f}" for name, value in metrics.items())
-            rank_zero_info(f"[{stage}] epoch {self.current_epoch}: {len(predictions)} questions  {summary}")
+            rank_zero_info(f"[{stage}] step {self.global_step}: {len(predictions)} questions  {summary}")
 
     def on_validation_epoch_start(self) -> None:
         self._results = []
@@ -242,18 +215,31 @@ class ExtractiveQAModule(TopKTransformerModule):
         results = self._gather_results()
         self._results = []
         self.predictions = self.decode(results)
-        if self.predictions_file and self.trainer.is_global_zero:
-            path = write_predictions(self.predictions, self.predictions_file)
+        path = self.predictions_path()  # on every process: trainer.log_dir is a collective call under DDP
+        if self.trainer.is_global_zero:
+            write_predictions(self.predictions, path)
             rank_zero_info(f"Wrote {len(self.predictions)} predictions to {path}")
 
+    def predictions_path(self) -> Path:
+        """``predictions_file``, or ``predictions.json`` in the run's log directory."""
+        if self.predictions_file:
+            return Path(self.predictions_file)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.json"
+
     # ------------------------------------------------------------------ export
+    def _head_beside_encoder(self) -> bool:
+        # T5's AutoModelForQuestionAnswering runs its decoder too: an encoder-only span head has no class there.
+        return self.backbone.config.model_type in ENCODER_ONLY_CLASSES
+
     def export_model(self) -> nn.Module:
-        """An ``AutoModelForQuestionAnswering`` holding the encoder and this head as its ``qa_outputs``."""
+        """An ``AutoModelForQuestionAnswering`` holding the encoder and this head as its ``qa_outputs``; for T5-family
+        encoders, the encoder alone (``T5EncoderModel``), the head going beside it (:meth:`export_extra`)."""
         from transformers import AutoModelForQuestionAnswering
 
-        from topk_lightning.modules.base import _plain_config
+        if self._head_beside_encoder():
+            return self._vanilla_copy(self.backbone)
 
-        config = _plain_config(self.backbone.config)
+        config = plain_config(self.backbone.config)
         model = AutoModelForQuestionAnswering.from_config(config, attn_implementation="sdpa")
         base = getattr(model, model.base_model_prefix)
         missing, unexpected = base.load_state_dict(self.backbone.state_dict(), strict=False)
@@ -266,3 +252,13 @@ class ExtractiveQAModule(TopKTransformerModule):
             )
         model.qa_outputs.load_state_dict(self.head.state_dict())
         return model
+
+    def export_extra(self, path: Path) -> None:
+        """T5-family encoders: the span head as ``qa_head.safetensors`` (``weight`` (2, d_model), ``bias`` (2,);
+        start and end logits = ``hidden @ weight.T + bias``)."""
+        if not self._head_beside_encoder():
+            return
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+                  str(path / "qa_head.safetensors"))

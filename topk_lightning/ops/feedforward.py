@@ -17,7 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from topk_lightning.ops.sparse_rows import TransposedPattern, sampled_dot, weighted_row_sum
-from topk_lightning.ops.topk_attention import _compute_dtype, _select_topk
+from topk_lightning.ops.torch_backend import compute_dtype, select_topk
 
 # Hidden pre-activations are produced this many elements at a time (a tile of tokens x d_ff).
 _TILE_ELEMENTS = 1 << 22
@@ -52,6 +52,7 @@ def topk_feed_forward(
     activation: Callable[[torch.Tensor], torch.Tensor],
     w_gate: torch.Tensor | None = None,
     b_gate: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """``w_out @ act(w_in @ x + b_in) + b_out`` keeping only the ``topk`` largest hidden units of every token.
 
@@ -63,8 +64,10 @@ def topk_feed_forward(
         activation: elementwise, applied to the kept pre-activations only.
         w_gate, b_gate: for gated FFs (``act(gate(x)) * up(x)``): the units are chosen on the gate's
             pre-activation and ``w_in`` becomes the up projection.
+        dropout_p: dropout on the kept hidden units, in [0, 1) (T5 drops hidden units between its two maps; pass
+            0.0 at evaluation). The mask is saved and replayed in backward.
 
-    Returns (..., d_model). Residual, dropout and LayerNorm are the caller's.
+    Returns (..., d_model). Residual, dropout after the FF and LayerNorm are the caller's.
     """
     if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
         raise ValueError(f"topk must be a positive int, got {topk!r}")
@@ -76,8 +79,12 @@ def topk_feed_forward(
         )
     if w_gate is not None and tuple(w_gate.shape) != (d_ff, d_model):
         raise ValueError(f"w_gate must have the shape of w_in {tuple(w_in.shape)}, got {tuple(w_gate.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     flat = hidden.reshape(-1, d_model)
-    out = _TopKFeedForward.apply(flat, w_in, b_in, w_out, b_out, w_gate, b_gate, min(topk, d_ff), activation)
+    out = _TopKFeedForward.apply(
+        flat, w_in, b_in, w_out, b_out, w_gate, b_gate, min(topk, d_ff), activation, dropout_p
+    )
     return out.view(*hidden.shape[:-1], d_model)
 
 
@@ -91,8 +98,8 @@ def _activation_and_slope(activation, pre: torch.Tensor) -> tuple[torch.Tensor, 
 
 class _TopKFeedForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_out, b_out, w_gate, b_gate, k, activation):
-        work = _compute_dtype(x.dtype)
+    def forward(ctx, x, w_in, b_in, w_out, b_out, w_gate, b_gate, k, activation, dropout_p):
+        work = compute_dtype(x.dtype)
         gated = w_gate is not None
         w_select, b_select = (w_gate, b_gate) if gated else (w_in, b_in)
         tokens, d_model = x.shape
@@ -100,6 +107,7 @@ class _TopKFeedForward(torch.autograd.Function):
         index = torch.empty(tokens, k, dtype=torch.int64, device=x.device)
         kept_pre = torch.empty(tokens, k, dtype=work, device=x.device)
         kept_up = torch.empty(tokens, k, dtype=work, device=x.device) if gated else None
+        kept_units = torch.empty(tokens, k, dtype=torch.bool, device=x.device) if dropout_p > 0 else None
         out = torch.empty(tokens, d_model, dtype=x.dtype, device=x.device)
         out_table = w_out.t().to(work).contiguous()  # hidden unit j -> its output column, as a row
         up_table = w_in.to(work) if gated else None
@@ -110,7 +118,7 @@ class _TopKFeedForward(torch.autograd.Function):
             pre = x[start:stop] @ w_select.t()
             if b_select is not None:
                 pre += b_select
-            values, picked = _select_topk(pre, k)
+            values, picked = select_topk(pre, k)
             del pre
             values = values.to(work)
             coeff = activation(values)
@@ -120,19 +128,24 @@ class _TopKFeedForward(torch.autograd.Function):
                     up += b_in.to(work)[picked]
                 kept_up[start:stop] = up
                 coeff = coeff * up
+            if kept_units is not None:
+                keep = torch.rand_like(coeff) >= dropout_p
+                kept_units[start:stop] = keep
+                coeff = coeff * keep / (1.0 - dropout_p)
             index[start:stop], kept_pre[start:stop] = picked, values
             out[start:stop] = weighted_row_sum(picked, out_table, coeff)
         if b_out is not None:
             out += b_out
 
-        ctx.save_for_backward(x, w_in, b_in, w_out, w_gate, b_gate, index, kept_pre, kept_up)
+        ctx.save_for_backward(x, w_in, b_in, w_out, w_gate, b_gate, index, kept_pre, kept_up, kept_units)
         ctx.activation = activation
+        ctx.dropout_p = dropout_p
         ctx.has_b_out = b_out is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_in, b_in, w_out, w_gate, b_gate, index, kept_pre, kept_up = ctx.saved_tensors
+        x, w_in, b_in, w_out, w_gate, b_gate, index, kept_pre, kept_up, kept_units = ctx.saved_tensors
         work = kept_pre.dtype
         gated = w_gate is not None
         d_ff = w_in.shape[0]
@@ -141,6 +154,9 @@ class _TopKFeedForward(torch.autograd.Function):
 
         act, slope = _activation_and_slope(ctx.activation, kept_pre)
         grad_coeff = sampled_dot(index, grad_y, w_out.t().to(work).contiguous())
+        dropout_scale = None if kept_units is None else kept_units.to(work) / (1.0 - ctx.dropout_p)
+        if dropout_scale is not None:
+            grad_coeff = grad_coeff * dropout_scale  # now the gradient of the coefficient before dropout
         if gated:
             grad_pre = grad_coeff * kept_up * slope
             grad_up = grad_coeff * act
@@ -148,6 +164,8 @@ class _TopKFeedForward(torch.autograd.Function):
         else:
             grad_pre = grad_coeff * slope
             coeff = act
+        if dropout_scale is not None:
+            coeff = coeff * dropout_scale  # what the forward multiplied w_out's columns by
         w_select = w_gate if gated else w_in
         grad_x = weighted_row_sum(index, w_select.to(work), grad_pre)
         if gated:
@@ -174,5 +192,5 @@ class _TopKFeedForward(torch.autograd.Function):
         return (
             grad_x.to(x.dtype), cast(grad_w_in, w_in), cast(grad_b_in, b_in), grad_w_out.to(w_out.dtype),
             None if grad_b_out is None else grad_b_out.to(w_out.dtype), cast(grad_w_gate, w_gate),
-            cast(grad_b_gate, b_gate), None, None,
+            cast(grad_b_gate, b_gate), None, None, None,
         )

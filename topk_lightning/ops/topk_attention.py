@@ -1,36 +1,27 @@
-"""Top-k attention (Gupta et al. 2021) with a backward pass that only touches the kept entries.
+"""Top-k attention (Gupta et al. 2021): the public function and the choice of backend.
 
-Forward, per tile of query rows::
+Every query keeps only its ``topk`` highest-scoring keys and takes the softmax over those; backward touches only
+the kept entries, so memory is O(L * k) rather than O(L^2). Two implementations compute the same function:
 
-    scores = (q * scale) @ k.T + bias + masks      (B, H, rows, Lk)   the only dense block, one tile at a time
-    vals, idx = top-k of every row                  (B, H, rows, k)
-    p = softmax(vals)                                fp32
-    out = sum_j p_j * v[idx_j]                       one embedding_bag call, no gathered copy of v
-
-Saved for backward: q, k, v, idx (int32) and p (fp32): O(B * H * Lq * k), never Lq x Lk.
-
-Backward, per group of heads::
-
-    dp_j  = do . v[idx_j]                            sampled dense-dense matmul (SDDMM) on the kept pattern
-    ds_j  = p_j * (dp_j - sum_l p_l dp_l)             softmax backward on k entries
-    dq    = scale * sum_j ds_j k[idx_j]               embedding_bag
-    dk, dv                                            embedding_bag over the transposed pattern (keys sorted)
+- ``"triton"`` (`triton_backend`): fused kernels for CUDA GPUs. One pass over QK^T selects each row's top k while
+  the scores stay on chip; backward recomputes the kept probabilities and scatters dK/dV.
+- ``"torch"`` (`torch_backend`): plain PyTorch on any device, score tiles sized to the device (cache-sized on a CPU,
+  large on a GPU). The reference for the kernels, and the only backend that takes an additive ``bias`` or a T5
+  relative ``position_bias``.
 """
 
 from __future__ import annotations
 
-import math
+import os
+from typing import Literal
 
 import torch
 
-from topk_lightning.ops.sparse_rows import TransposedPattern, sampled_dot, weighted_row_sum
+from topk_lightning.ops.relative_bias import RelativePositionBias, check_position_bias
+from topk_lightning.ops.torch_backend import TorchTopKAttention
 
-# Score tiles are kept near this many elements so that the block written by the matmul is still in the CPU's
-# last-level cache when the selection reads it (measured: 32-row tiles of 12 x 8192 scores are ~1.8x faster to
-# produce than 128-row ones). The user's query_chunk_size stays the upper bound on rows per tile.
-_TILE_ELEMENTS = 1 << 22
-# Backward works on groups of heads holding about this many kept entries, bounding its temporaries.
-_BACKWARD_ENTRIES = 1 << 19
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS = ("auto", "torch", "triton")
 
 
 def topk_attention(
@@ -45,6 +36,8 @@ def topk_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     causal: bool = False,
+    backend: Backend = "auto",
+    position_bias: RelativePositionBias | None = None,
 ) -> torch.Tensor:
     """Softmax attention over the ``topk`` highest-scoring keys of every query, in memory linear in length.
 
@@ -53,20 +46,34 @@ def topk_attention(
         key, value: (B, Hkv, Lk, D), with Hkv dividing H (grouped-query heads: query head h reads kv head
             h // (H // Hkv)). Same dtype and device as ``query``.
         topk: keys kept per query, >= 1. With ``topk >= Lk`` this is exact softmax attention.
-        query_chunk_size: at most this many query rows have their (B, H, rows, Lk) scores materialised at once;
-            smaller tiles may be used internally to stay in cache. >= 1.
+        query_chunk_size: PyTorch backend: at most this many query rows have their (B, H, rows, Lk) scores
+            materialised at once (fewer when the device's score budget says so; see `torch_backend`). >= 1. The
+            Triton backend never materialises scores and ignores it.
         key_padding_mask: optional bool (B, Lk), True = attend.
         bias: optional additive float tensor broadcastable to (B, H, Lq, Lk); sliced per query tile, never
-            expanded. Gets a gradient (at the kept entries) when it requires one.
+            expanded. Gets a gradient (at the kept entries) when it requires one. PyTorch backend only: with a
+            bias, ``"auto"`` runs the PyTorch backend.
+        position_bias: optional T5 relative position bias, described by its bucket embedding and bucketing
+            parameters (`relative_bias.RelativePositionBias`) and computed one score tile at a time, never as
+            (Lq, Lk); added to ``bias`` if both are given. Its embedding gets a gradient through the kept entries.
+            PyTorch backend only: with it, ``"auto"`` runs the PyTorch backend.
         scale: score multiplier, default D ** -0.5.
         dropout_p: dropout on the kept probabilities (training only: pass 0.0 at evaluation).
         causal: query i sees keys j <= i + (Lk - Lq).
+        backend: ``"auto"`` (default) runs the Triton kernels for CUDA tensors when Triton is installed and the
+            arguments are supported (`triton_backend.unsupported_reason`), and the PyTorch backend otherwise.
+            ``"triton"`` insists on the kernels: it raises for arguments they do not support, and on CPU tensors
+            it needs ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests). ``"torch"`` always runs
+            PyTorch.
 
     Returns:
         (B, H, Lq, D) in the input dtype (the autocast dtype under ``torch.autocast``). Selection and softmax run
-        in at least fp32. A query with no attendable key gets zeros, in forward and backward.
+        in at least fp32. A query with no attendable key gets zeros, in forward and backward. Of tied scores at
+        the k-th place, the Triton backend keeps the lowest key indices; PyTorch's choice among ties is unspecified.
     """
     _check_arguments(query, key, value, topk, query_chunk_size, key_padding_mask, bias, dropout_p)
+    if position_bias is not None:
+        check_position_bias(position_bias, query)
     if scale is None:
         scale = query.shape[-1] ** -0.5
     device_type = query.device.type
@@ -76,12 +83,66 @@ def topk_attention(
         if bias is not None and bias.is_floating_point():
             bias = bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            return _TopKAttention.apply(
-                query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal
-            )
-    return _TopKAttention.apply(
-        query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal
+            return _dispatch(query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p,
+                             causal, backend, position_bias)
+    return _dispatch(query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal,
+                     backend, position_bias)
+
+
+def _dispatch(query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal, backend,
+              position_bias):
+    if resolve_backend(backend, query, key, topk=topk, bias=bias, position_bias=position_bias) == "triton":
+        from topk_lightning.ops.triton_backend import TritonTopKAttention
+
+        return TritonTopKAttention.apply(query, key, value, key_padding_mask, topk, scale, dropout_p, causal)
+    relative_weight = None if position_bias is None else position_bias.weight
+    return TorchTopKAttention.apply(
+        query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal, relative_weight,
+        position_bias,
     )
+
+
+def resolve_backend(
+    backend: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    topk: int,
+    bias: torch.Tensor | None = None,
+    position_bias: RelativePositionBias | None = None,
+) -> str:
+    """The backend that ``topk_attention(..., backend=backend)`` runs for these arguments: "torch" or "triton".
+
+    Raises:
+        ValueError: for an unknown backend name, or ``"triton"`` where the kernels cannot run (naming why).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and query.device.type != "cuda"):
+        return "torch"
+    reason = _triton_unavailable_reason(query)
+    if reason is None:
+        from topk_lightning.ops.triton_backend import unsupported_reason
+
+        reason = unsupported_reason(query, key, topk=topk, bias=bias, position_bias=position_bias)
+    if reason is None:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run here: {reason}; use backend='auto' or 'torch'")
+    return "torch"
+
+
+def _triton_unavailable_reason(query: torch.Tensor) -> str | None:
+    if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            f"the tensors are on {query.device.type!r}; the kernels need CUDA tensors, or TRITON_INTERPRET=1 "
+            "(set before the first call) to run in Triton's interpreter on the CPU"
+        )
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (pip install triton)"
+    return None
 
 
 def _check_arguments(query, key, value, topk, query_chunk_size, key_padding_mask, bias, dropout_p) -> None:
@@ -129,182 +190,3 @@ def _check_arguments(query, key, value, topk, query_chunk_size, key_padding_mask
                 f"bias must be a float tensor broadcastable to (B, H, Lq, Lk) = {target}, got "
                 f"{bias.dtype} {tuple(bias.shape)}"
             )
-
-
-def _select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact per-row top-k of ``scores`` (..., L), unsorted, returning (values, int64 indices).
-
-    For long rows a two-stage search is cheaper than ``torch.topk`` over the whole row: split the row into G
-    strided groups, keep the k groups with the largest maxima, and search only their members. It is exact
-    because a row's top-k entries always lie in the k groups with the largest maxima (a group holding a top-k
-    entry e whose maximum ranks below k others would leave k + 1 entries >= e).
-    """
-    length = scores.shape[-1]
-    group_size = 1 << max(0, round(math.log2(math.sqrt(length / k))))
-    if length < 32 * k or length % group_size != 0:
-        return scores.topk(k, dim=-1, sorted=False)
-    groups = length // group_size
-    maxima = scores.unflatten(-1, (group_size, groups)).amax(dim=-2)
-    best_groups = maxima.topk(k, dim=-1, sorted=False).indices
-    offsets = torch.arange(0, length, groups, device=scores.device)
-    candidates = (best_groups.unsqueeze(-1) + offsets).flatten(-2)
-    values, picked = scores.gather(-1, candidates).topk(k, dim=-1, sorted=False)
-    return values, candidates.gather(-1, picked)
-
-
-def _softmax_rows(values: torch.Tensor) -> torch.Tensor:
-    """Softmax in fp32 (at least) over the last dim; rows that are all -inf give zeros instead of NaN."""
-    values = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
-    return torch.softmax(values, dim=-1).nan_to_num_(0.0)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _rows_per_tile(batch: int, heads: int, k_len: int, query_chunk_size: int) -> int:
-    return max(1, min(query_chunk_size, _TILE_ELEMENTS // max(1, batch * heads * k_len)))
-
-
-class _TopKAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal):
-        batch, heads, q_len, head_dim = query.shape
-        kv_heads, k_len = key.shape[1], key.shape[2]
-        group = heads // kv_heads
-        k = min(topk, k_len)
-        work_dtype = _compute_dtype(query.dtype)
-
-        out = torch.empty_like(query)
-        kept_index = torch.empty(
-            batch, heads, q_len, k, dtype=torch.int32 if k_len < 2**31 else torch.int64, device=query.device
-        )
-        kept_prob = torch.empty(batch, heads, q_len, k, dtype=work_dtype, device=query.device)
-        dropped = (
-            torch.empty(batch, heads, q_len, k, dtype=torch.bool, device=query.device) if dropout_p > 0 else None
-        )
-
-        key_t = key.contiguous().transpose(-1, -2)  # one copy now rather than one per tile inside matmul
-        # Values as the rows of one table: the kv slab of (b, h) starts at ((b * Hkv) + h // group) * Lk.
-        value_rows = value.reshape(-1, head_dim).to(work_dtype)
-        slab = torch.arange(batch, device=query.device)[:, None] * kv_heads + (
-            torch.arange(heads, device=query.device)[None, :] // group
-        )
-        row_base = (slab * k_len)[:, :, None, None]
-        padding_bias = None
-        if key_padding_mask is not None and not bool(key_padding_mask.all()):
-            padding_bias = torch.zeros(batch, 1, 1, k_len, dtype=query.dtype, device=query.device)
-            padding_bias.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
-
-        tile = _rows_per_tile(batch, heads, k_len, query_chunk_size)
-        for start in range(0, q_len, tile):
-            stop = min(start + tile, q_len)
-            rows = stop - start
-            # Scaling per tile also makes the tile contiguous, so the grouped-head reshape below is a view.
-            q_tile = (query[:, :, start:stop] * scale).reshape(batch, kv_heads, group * rows, head_dim)
-            scores = torch.matmul(q_tile, key_t).view(batch, heads, rows, k_len)
-            if bias is not None:
-                scores += bias[..., start:stop, :] if bias.dim() >= 2 and bias.shape[-2] != 1 else bias
-            if padding_bias is not None:
-                scores += padding_bias
-            if causal:
-                query_pos = torch.arange(start, stop, device=query.device)[:, None] + (k_len - q_len)
-                scores.masked_fill_(torch.arange(k_len, device=query.device)[None, :] > query_pos, float("-inf"))
-            values, index = _select_topk(scores, k)
-            del scores
-            prob = _softmax_rows(values)
-            kept_index[:, :, start:stop] = index
-            kept_prob[:, :, start:stop] = prob
-            if dropped is not None:
-                keep = torch.rand_like(prob) >= dropout_p
-                dropped[:, :, start:stop] = ~keep
-                prob = prob * keep / (1.0 - dropout_p)
-            tile_out = weighted_row_sum((index + row_base).view(-1, k), value_rows, prob.reshape(-1, k))
-            out[:, :, start:stop] = tile_out.view(batch, heads, rows, head_dim)
-
-        ctx.save_for_backward(query, key, value, kept_index, kept_prob, dropped, bias)
-        ctx.config = (scale, dropout_p)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        query, key, value, kept_index, kept_prob, dropped, bias = ctx.saved_tensors
-        scale, dropout_p = ctx.config
-        batch, heads, q_len, head_dim = query.shape
-        kv_heads, k_len = key.shape[1], key.shape[2]
-        group = heads // kv_heads
-        k = kept_index.shape[-1]
-        work_dtype = kept_prob.dtype
-        need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
-
-        # Contiguous buffers (inputs are often transposed views), filled slab by slab through .view().
-        grad_q = query.new_zeros(query.shape) if need_q else None
-        grad_k = key.new_zeros(key.shape) if need_k else None
-        grad_v = value.new_zeros(value.shape) if need_v else None
-        grad_bias_full = None
-        if need_bias:
-            grad_bias_full = torch.zeros(
-                torch.broadcast_shapes(bias.shape, (batch, heads, q_len, k_len)), dtype=work_dtype, device=bias.device
-            )
-
-        # One slab = one (batch, kv head) with its `group` query heads: (B*Hkv, group*Lq, ...) views.
-        slabs = batch * kv_heads
-        rows_per_slab = group * q_len
-        q_s = query.reshape(slabs, rows_per_slab, head_dim)
-        go_s = grad_out.reshape(slabs, rows_per_slab, head_dim)
-        k_s = key.reshape(slabs, k_len, head_dim)
-        v_s = value.reshape(slabs, k_len, head_dim)
-        index_s = kept_index.reshape(slabs, rows_per_slab, k)
-        prob_s = kept_prob.reshape(slabs, rows_per_slab, k)
-        drop_s = dropped.reshape(slabs, rows_per_slab, k) if dropped is not None else None
-
-        per_step = max(1, _BACKWARD_ENTRIES // max(1, rows_per_slab * k))
-        for first in range(0, slabs, per_step):
-            last = min(first + per_step, slabs)
-            n = last - first
-            index = index_s[first:last].long()
-            prob = prob_s[first:last]
-            grad_o = go_s[first:last].to(work_dtype)
-            v_g = v_s[first:last].to(work_dtype)
-            k_g = k_s[first:last].to(work_dtype)
-            q_g = q_s[first:last].to(work_dtype)
-
-            # Slab s's keys are rows s * Lk ... of the stacked key/value tables.
-            flat_index = (index + (torch.arange(n, device=index.device) * k_len)[:, None, None]).view(-1, k)
-            grad_p = sampled_dot(flat_index, grad_o.reshape(-1, head_dim), v_g.reshape(-1, head_dim))
-            grad_p = grad_p.view(n, rows_per_slab, k)
-            used_prob = prob
-            if drop_s is not None:
-                keep = ~drop_s[first:last]
-                grad_p = grad_p * keep / (1.0 - dropout_p)
-                used_prob = prob * keep / (1.0 - dropout_p)
-            grad_s = prob * (grad_p - (prob * grad_p).sum(-1, keepdim=True))
-
-            if need_q:
-                dq = weighted_row_sum(flat_index, k_g.reshape(-1, head_dim), grad_s.reshape(-1, k))
-                grad_q.view(slabs, rows_per_slab, head_dim)[first:last] = (dq * scale).view(n, rows_per_slab, -1)
-            if need_k or need_v:
-                by_key = TransposedPattern(flat_index, n * k_len)
-                if need_v:
-                    dv = by_key.weighted_row_sum(grad_o.reshape(-1, head_dim), used_prob)
-                    grad_v.view(slabs, k_len, head_dim)[first:last] = dv.view(n, k_len, head_dim)
-                if need_k:
-                    dk = by_key.weighted_row_sum(q_g.reshape(-1, head_dim), grad_s)
-                    grad_k.view(slabs, k_len, head_dim)[first:last] = (dk * scale).view(n, k_len, head_dim)
-            if need_bias:
-                # Slabs are (b, kv head) and their rows (group head, query): the same order as (B, H, Lq).
-                grad_bias_full.view(slabs, rows_per_slab, k_len)[first:last].scatter_add_(-1, index, grad_s)
-
-        grad_bias = None
-        if need_bias:
-            grad_bias = _reduce_to_shape(grad_bias_full, bias.shape).to(bias.dtype)
-        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, None
-
-
-def _reduce_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum a (B, H, Lq, Lk) gradient over the dimensions along which a bias of ``shape`` was broadcast."""
-    lead = grad.dim() - len(shape)
-    if lead:
-        grad = grad.sum(dim=tuple(range(lead)))
-    dims = tuple(i for i, size in enumerate(shape) if size == 1 and grad.shape[i] != 1)
-    return grad.sum(dim=dims, keepdim=True) if dims else grad

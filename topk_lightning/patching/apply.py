@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from topk_lightning import ops
 from topk_lightning.patching.attention import ATTN_IMPLEMENTATION, LAYER_SETTINGS_ATTR, LayerAttention
@@ -57,13 +58,17 @@ def apply_topk(model: PreTrainedModel, config: TopKConfig | None = None) -> PreT
 
     Sets ``attn_implementation="topk"`` (see `topk_lightning.patching.attention`), gives each attention module its
     settings (``config.topk`` in the chosen layers, exact attention elsewhere), and replaces the FF method of the
-    chosen layers when ``ff_chunk_size`` or ``ff_topk`` is set. Parameters, buffers and ``state_dict`` are untouched,
+    chosen layers when ``ff_chunk_size`` or ``ff_topk`` is set. With ``config.topk=None`` the attention is left as it
+    is (the model keeps its ``attn_implementation``) and only the FF layers are patched. Parameters, buffers and ``state_dict`` are untouched,
     so checkpoints stay plain Hugging Face checkpoints. Calling it again replaces the previous patch.
 
     ``config.layers`` indexes the model's layer modules: ``encoder.layer`` for BERT / RoBERTa / XLM-R / ELECTRA,
     ``transformer.layer`` for DistilBERT. ALBERT shares weights across depth: it indexes the distinct weight-owning
     ``AlbertLayer`` modules (``num_hidden_groups * inner_group_num`` of them, group by group; just one, index 0,
-    with the default config), and a chosen module runs top-k at every depth that reuses it.
+    with the default config), and a chosen module runs top-k at every depth that reuses it. T5 / MT5 / UMT5: the
+    blocks of the encoder, then those of the decoder (``encoder.block + decoder.block``); a chosen decoder block runs
+    top-k in its causal self-attention and its cross-attention. Their relative position bias reaches top-k attention
+    as a description, computed per score tile (`topk_lightning.patching.relative_bias`).
 
     Raises:
         TypeError / ValueError: the model is not a supported architecture (the message names its class), or a
@@ -85,12 +90,14 @@ def apply_topk(model: PreTrainedModel, config: TopKConfig | None = None) -> PreT
     remove_topk(model)
     state = _PatchState(attn_implementation=model.config._attn_implementation)
     for index, layer in enumerate(layers):
-        settings = LayerAttention(
-            topk=config.topk if index in chosen else None, query_chunk_size=config.query_chunk_size
-        )
-        for module in family.attention_modules(layer):
-            setattr(module, LAYER_SETTINGS_ATTR, settings)
-            state.attention_modules.append(module)
+        if config.topk is not None:
+            settings = LayerAttention(
+                topk=config.topk if index in chosen else None, query_chunk_size=config.query_chunk_size,
+                backend=config.backend,
+            )
+            for module in family.attention_modules(layer):
+                setattr(module, LAYER_SETTINGS_ATTR, settings)
+                state.attention_modules.append(module)
         if index in chosen and (config.ff_chunk_size is not None or config.ff_topk is not None):
             owner = family.feed_forward_owner(layer)
             name = family.feed_forward_method
@@ -100,7 +107,8 @@ def apply_topk(model: PreTrainedModel, config: TopKConfig | None = None) -> PreT
             )
             setattr(owner, name, patched)
     setattr(model, _STATE_ATTR, state)
-    _set_attn_implementation(model, ATTN_IMPLEMENTATION)
+    if config.topk is not None:
+        _set_attn_implementation(model, ATTN_IMPLEMENTATION)
     return model
 
 
@@ -138,3 +146,14 @@ def _set_attn_implementation(model: PreTrainedModel, name: str) -> None:
             f"{type(model).__name__} did not accept attn_implementation={name!r} "
             f"(it kept {model.config._attn_implementation!r})"
         )
+
+
+def plain_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """A copy of a model's ``config`` that names ``"sdpa"`` where it names ``"topk"`` (or nothing), for saving.
+
+    A model saved with it (``save_pretrained``) loads with plain transformers, without ``import topk_lightning``.
+    """
+    config = copy.deepcopy(config)
+    if getattr(config, "_attn_implementation", None) in (ATTN_IMPLEMENTATION, None):
+        config._attn_implementation = "sdpa"
+    return config

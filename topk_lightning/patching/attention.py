@@ -29,6 +29,7 @@ from transformers.masking_utils import bidirectional_mask_function, causal_mask_
 from transformers.utils import logging
 
 from topk_lightning import ops
+from topk_lightning.patching import relative_bias
 from topk_lightning.patching.config import TopKConfig
 
 logger = logging.get_logger(__name__)
@@ -44,14 +45,18 @@ class LayerAttention:
     Args:
         topk: keys kept per query; ``None`` means exact attention (torch SDPA with the padding mask).
         query_chunk_size: queries whose scores are materialised at once (see `TopKConfig`).
+        backend: the `topk_attention` backend (see `TopKConfig`).
     """
 
     topk: int | None
     query_chunk_size: int
+    backend: str = "auto"
 
 
 _DEFAULTS = TopKConfig()
-DEFAULT_LAYER_ATTENTION = LayerAttention(topk=_DEFAULTS.topk, query_chunk_size=_DEFAULTS.query_chunk_size)
+DEFAULT_LAYER_ATTENTION = LayerAttention(
+    topk=_DEFAULTS.topk, query_chunk_size=_DEFAULTS.query_chunk_size, backend=_DEFAULTS.backend
+)
 
 
 def key_padding_mask(
@@ -179,20 +184,23 @@ def topk_attention_forward(
             padding when it is one (see `_key_padding_from_4d`) and rejected otherwise.
         dropout: attention dropout probability (transformers passes 0.0 in eval mode).
         scaling: score multiplier, default D ** -0.5.
+        position_bias (in kwargs, from T5-family models): the relative bias, as the lazy description that
+            `relative_bias` makes T5 hand over (computed per score tile), or a tensor (added as it is).
 
     Returns:
         ``(attn_output, None)`` with attn_output (B, Lq, H, D); attention weights are never materialised.
     """
     if kwargs.get("output_attentions", False):
         logger.warning_once(f'attn_implementation="{ATTN_IMPLEMENTATION}" does not return attention weights')
-    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
-        raise ValueError(f'attn_implementation="{ATTN_IMPLEMENTATION}" does not support softcap or position_bias')
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f'attn_implementation="{ATTN_IMPLEMENTATION}" does not support softcap')
+    lazy_bias, dense_bias = relative_bias.split_position_bias(module, kwargs.get("position_bias"))
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     batch, heads, _, _ = query.shape
     padding = _to_key_padding(attention_mask, batch=batch, kv_length=key.shape[2], causal=causal)
     settings: LayerAttention = getattr(module, LAYER_SETTINGS_ATTR, DEFAULT_LAYER_ATTENTION)
 
-    if settings.topk is None and not causal:
+    if settings.topk is None and not causal and lazy_bias is None and dense_bias is None:
         output = F.scaled_dot_product_attention(
             query,
             key,
@@ -204,7 +212,8 @@ def topk_attention_forward(
         )
     else:
         # Exact causal attention also goes through topk_attention (topk = Lk): its causal pattern is aligned to the
-        # last key, as a KV cache needs, whereas SDPA's is_causal aligns to the first.
+        # last key, as a KV cache needs, whereas SDPA's is_causal aligns to the first. So does exact attention with
+        # a relative bias, which SDPA could only take as a materialised (Lq, Lk) table.
         output = ops.topk_attention(
             query,
             key,
@@ -215,6 +224,9 @@ def topk_attention_forward(
             scale=scaling,
             dropout_p=dropout,
             causal=causal,
+            backend=settings.backend,
+            bias=dense_bias,
+            position_bias=lazy_bias,
         )
     return output.transpose(1, 2).contiguous(), None
 
@@ -223,7 +235,10 @@ def register() -> None:
     """Register ``"topk"`` with `AttentionInterface` and `AttentionMaskInterface` (idempotent).
 
     Registration is global (class-level mappings in transformers), so every model created afterwards accepts
-    ``attn_implementation="topk"`` in ``from_pretrained``, its config, or ``set_attn_implementation``.
+    ``attn_implementation="topk"`` in ``from_pretrained``, its config, or ``set_attn_implementation``. It also patches
+    the T5-family attention classes so that, under "topk" only, they hand over their relative position bias as a
+    description instead of a (1, H, L, L) tensor (`relative_bias`).
     """
     AttentionInterface.register(ATTN_IMPLEMENTATION, topk_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, key_padding_mask)
+    relative_bias.install(ATTN_IMPLEMENTATION)  # T5's position bias: no registry reaches it

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from topk_lightning.errors import InputError
+
 
 def _position_table(model: PreTrainedModel) -> tuple[nn.Module, nn.Embedding]:
     config = model.config
@@ -58,7 +60,7 @@ def extend_position_embeddings(model: PreTrainedModel, max_positions: int) -> Pr
             names the class).
     """
     if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1:
-        raise ValueError(f"max_positions must be an int >= 1 (number of tokens), got {max_positions!r}")
+        raise InputError(f"max_positions must be an int >= 1 (number of tokens), got {max_positions!r}")
     embeddings, table = _position_table(model)
     offset = 0 if table.padding_idx is None else table.padding_idx + 1
     old_rows = table.num_embeddings
@@ -93,3 +95,14 @@ def extend_position_embeddings(model: PreTrainedModel, max_positions: int) -> Pr
             extended = torch.zeros(1, new_rows, dtype=buffer.dtype, device=buffer.device)
         embeddings.register_buffer(name, extended, persistent=name not in embeddings._non_persistent_buffers_set)
     return model
+
+
+def max_input_tokens(model: PreTrainedModel) -> int | None:
+    """How many tokens ``model``'s learned absolute position table admits (reserved RoBERTa rows left out), or
+    ``None`` when it has no such table (relative or rotary positions)."""
+    try:
+        _, table = _position_table(model)
+    except ValueError:
+        return None
+    offset = 0 if table.padding_idx is None else table.padding_idx + 1
+    return table.num_embeddings - offset

@@ -1,0 +1,240 @@
+"""The Triton backend of top-k attention: launch code and autograd function for `triton_kernels`.
+
+Forward: one persistent kernel. Each program takes tiles of query rows and streams over the keys once, computing
+scores with ``tl.dot`` and appending those above its running threshold to a small candidate buffer; the buffer is
+compacted to the exact top k whenever it fills (see `triton_kernels`). Scores never reach global memory.
+Saved for backward: the kept key indices (int32, -1 for empty slots) and each row's log-sum-exp: O(L * k).
+
+Backward: one kernel over query rows recomputes the kept probabilities, writes dQ, and adds dK/dV atomically
+into fp32 accumulators (a head group at a time, so the extra memory stays bounded). Atomic adds make dK/dV
+reproducible only to rounding; with ``torch.use_deterministic_algorithms(True)`` the kernel writes dS instead and
+dK/dV are reduced deterministically over the key-sorted pattern, as the PyTorch backend does.
+
+Dropout masks are drawn in the kernels (Philox, seeded from torch's default generator) and replayed in backward,
+so ``torch.manual_seed`` reproduces them; they differ from the PyTorch backend's draws.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from topk_lightning.ops.sparse_rows import TransposedPattern
+from topk_lightning.ops.torch_backend import compute_dtype
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+MAX_TOPK = 256
+# Resident programs of the forward kernel per streaming multiprocessor (registers allow two; more queue up).
+PROGRAMS_PER_SM = int(os.environ.get("TOPK_LIGHTNING_TRITON_PROGRAMS_PER_SM", "2"))
+# fp32 dK/dV accumulators for half-precision inputs are filled this many bytes at a time (a group of kv heads).
+ACCUMULATOR_BUDGET_BYTES = 256 << 20
+
+
+def unsupported_reason(
+    query: torch.Tensor, key: torch.Tensor, *, topk: int, bias: torch.Tensor | None = None, position_bias=None
+) -> str | None:
+    """Why the kernels cannot take these arguments, or None when they can."""
+    if bias is not None:
+        return "an additive bias is supported by the PyTorch backend only"
+    if position_bias is not None:
+        return "a relative position_bias is supported by the PyTorch backend only"
+    if query.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {query.dtype} is not supported (float16, bfloat16, float32, float64)"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"head dimension {query.shape[-1]} is above {MAX_HEAD_DIM}"
+    if min(topk, key.shape[2]) > MAX_TOPK:
+        return f"topk {min(topk, key.shape[2])} (keys kept per query) is above {MAX_TOPK}"
+    return None
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _program_slots(device_index: int) -> int:
+    """Programs the persistent forward launches on this GPU: a few per streaming multiprocessor."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
+
+
+def forward_config(topk: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and buffer layout of the forward (selection) kernel.
+
+    Keys stream in segments of SEGMENT blocks of BLOCK_N; after a segment, rows whose buffer could not take
+    another one are cut to their TOPK largest entries. ``layout`` "stacks" (`topk_forward_stacks_kernel`) gives
+    every (row, lane) of a score tile its own stack of DEPTH slots: deep enough for the kept entries spread over
+    the lanes plus a segment, with room so that cuts are rare once the threshold is high. ``layout`` "buffer"
+    (`topk_forward_kernel`) appends to one CAND-slot buffer per row through a prefix sum.
+    """
+    # Measured on an H200 (benchmarks/tune_triton.py); checked for register spills with ptxas for D <= 128.
+    block_n = 64 if head_dim <= 64 else 32
+    config = {"BLOCK_M": 64, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 3, "SEGMENT": 2,
+              "layout": "stacks"}
+    override = os.environ.get("TOPK_LIGHTNING_TRITON_FWD")  # "BLOCK_M,BLOCK_N,num_warps,SEGMENT[,layout]"
+    if override:
+        fields = override.split(",")
+        config.update(zip(("BLOCK_M", "BLOCK_N", "num_warps", "SEGMENT"), (int(x) for x in fields[:4])))
+        if len(fields) > 4:
+            config["layout"] = fields[4]
+    config["DEPTH"] = -(-topk // config["BLOCK_N"]) + config["SEGMENT"] + 5
+    config["CAND"] = _next_power_of_2(4 * topk + config["SEGMENT"] * config["BLOCK_N"])
+    return config
+
+
+def gather_config(topk: int, head_dim: int) -> dict:
+    """Rows per program of the output and backward kernels, which hold (rows, topk, head_dim) gathered tiles."""
+    topk_p2 = max(16, _next_power_of_2(topk))
+    block_d = max(16, _next_power_of_2(head_dim))
+    block_r = max(1, min(16, 8192 // (topk_p2 * block_d)))
+    return {"BLOCK_R": block_r, "TOPK_P2": topk_p2, "num_warps": 4}
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.stride())
+
+
+class TritonTopKAttention(torch.autograd.Function):
+    """Autograd function of the Triton backend; arguments as `topk_attention`, already checked."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, key_padding_mask, topk, scale, dropout_p, causal):
+        from topk_lightning.ops import triton_kernels as kernels
+
+        batch, heads, q_len, head_dim = query.shape
+        kv_heads, k_len = key.shape[1], key.shape[2]
+        k = max(1, min(topk, k_len))
+        out = torch.empty(batch, heads, q_len, head_dim, dtype=query.dtype, device=query.device)
+        kept_index = torch.full((batch, heads, q_len, k), -1, dtype=torch.int32, device=query.device)
+        score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        lse = torch.full((batch, heads, q_len), float("-inf"), dtype=score_dtype, device=query.device)
+        params = torch.tensor([scale, dropout_p], dtype=score_dtype, device=query.device)
+        seed = int(torch.randint(0, 2**31 - 1 - batch * heads, (1,)).item()) if dropout_p > 0 else 0
+
+        if q_len and k_len:
+            config = forward_config(k, head_dim, query.dtype)
+            block_m = config["BLOCK_M"]
+            row_blocks = triton_cdiv(q_len, block_m)
+            num_tiles = batch * heads * row_blocks
+            if query.device.type == "cuda":
+                programs = min(num_tiles, _program_slots(query.device.index or 0))
+            else:  # the interpreter runs programs one after another
+                programs = min(num_tiles, 2)
+            has_pad = key_padding_mask is not None and not bool(key_padding_mask.all())
+            pad = key_padding_mask.to(torch.uint8) if has_pad else kept_index
+            common = dict(
+                TOPK=k, HEAD_DIM=head_dim, BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_M=block_m,
+                BLOCK_N=config["BLOCK_N"], SEGMENT=config["SEGMENT"], HAS_PAD=has_pad, CAUSAL=bool(causal),
+                KEY_BITS=64 if query.dtype == torch.float64 else 32,
+                IEEE=query.dtype in (torch.float32, torch.float64),
+                DOT_UPCAST=query.device.type != "cuda" and query.dtype == torch.bfloat16,
+                num_warps=config["num_warps"], num_stages=config["num_stages"],
+            )
+            shape_args = (*_strides(query), *_strides(key), *(_strides(pad) if has_pad else (0, 0)),
+                          heads, heads // kv_heads, q_len, k_len, row_blocks, num_tiles, k_len - q_len)
+            if config["layout"] == "stacks":
+                slots = programs * config["DEPTH"] * block_m * config["BLOCK_N"]
+                buffer_val = torch.empty(slots, dtype=score_dtype, device=query.device)
+                buffer_idx = torch.empty(slots, dtype=torch.int32, device=query.device)
+                kernels.topk_forward_stacks_kernel[(programs,)](
+                    query, key, pad, kept_index, lse, buffer_val, buffer_idx, params, *shape_args,
+                    DEPTH=config["DEPTH"], **common,
+                )
+            else:
+                slots = programs * block_m * config["CAND"]
+                scratch_val = torch.empty(slots, dtype=score_dtype, device=query.device)
+                scratch_idx = torch.empty(slots, dtype=torch.int32, device=query.device)
+                scratch_count = torch.empty(programs * block_m, dtype=torch.int32, device=query.device)
+                scratch_thresh = torch.empty(programs * block_m, dtype=score_dtype, device=query.device)
+                kernels.topk_forward_kernel[(programs,)](
+                    query, key, pad, kept_index, lse, scratch_val, scratch_idx, scratch_count, scratch_thresh,
+                    params, *shape_args, CAND=config["CAND"], GROUP=config["num_warps"], **common,
+                )
+            rows_config = gather_config(k, head_dim)
+            kernels.topk_output_kernel[(triton_cdiv(q_len, rows_config["BLOCK_R"]), batch * heads)](
+                query, key, value, kept_index, lse, out, params,
+                *_strides(query), *_strides(key), *_strides(value), *_strides(out),
+                heads, heads // kv_heads, q_len, seed,
+                TOPK=k, TOPK_P2=rows_config["TOPK_P2"], HEAD_DIM=head_dim,
+                BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_R=rows_config["BLOCK_R"],
+                DROPOUT=dropout_p > 0, num_warps=rows_config["num_warps"],
+            )
+        else:
+            out.zero_()
+        ctx.save_for_backward(query, key, value, kept_index, lse, params)
+        ctx.config = (float(scale), float(dropout_p), seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from topk_lightning.ops import triton_kernels as kernels
+
+        query, key, value, kept_index, lse, params = ctx.saved_tensors
+        scale, dropout_p, seed = ctx.config
+        batch, heads, q_len, head_dim = query.shape
+        kv_heads, k_len = key.shape[1], key.shape[2]
+        group = heads // kv_heads
+        k = kept_index.shape[-1]
+        grad_q = torch.empty_like(query, memory_format=torch.contiguous_format)
+        grad_k = torch.zeros_like(key, memory_format=torch.contiguous_format)
+        grad_v = torch.zeros_like(value, memory_format=torch.contiguous_format)
+        if q_len == 0 or k_len == 0:
+            return grad_q.zero_(), grad_k, grad_v, None, None, None, None, None
+
+        config = gather_config(k, head_dim)
+        block_r = config["BLOCK_R"]
+        work = compute_dtype(query.dtype)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+
+        def launch(head_offset, launch_heads, acc_k, acc_v, grad_score, weight):
+            kernels.topk_backward_kernel[(triton_cdiv(q_len, block_r), batch * launch_heads)](
+                query, key, value, grad_out, kept_index, lse, grad_q, acc_k, acc_v, grad_score, weight, params,
+                *_strides(query), *_strides(key), *_strides(value), *_strides(grad_out), *_strides(grad_q),
+                *_strides(acc_k),
+                heads, launch_heads, head_offset, group, q_len, seed,
+                TOPK=k, TOPK_P2=config["TOPK_P2"], HEAD_DIM=head_dim,
+                BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_R=block_r,
+                DROPOUT=dropout_p > 0, ATOMIC=not deterministic, num_warps=config["num_warps"],
+            )
+
+        if deterministic:
+            grad_score = torch.zeros(batch, heads, q_len, k, dtype=work, device=query.device)
+            weight = torch.zeros_like(grad_score)
+            launch(0, heads, grad_k, grad_v, grad_score, weight)
+            _key_gradients_deterministic(kept_index, grad_score, weight, query, grad_out, grad_k, grad_v, scale)
+        elif work == query.dtype:  # fp32/fp64: accumulate in the gradients themselves
+            launch(0, heads, grad_k, grad_v, grad_q, grad_q)
+        else:
+            per_kv_head = 2 * batch * k_len * head_dim * 4
+            kv_step = max(1, min(kv_heads, ACCUMULATOR_BUDGET_BYTES // max(1, per_kv_head)))
+            for first in range(0, kv_heads, kv_step):
+                last = min(first + kv_step, kv_heads)
+                acc_k = torch.zeros(batch, last - first, k_len, head_dim, dtype=torch.float32, device=key.device)
+                acc_v = torch.zeros_like(acc_k)
+                launch(first * group, (last - first) * group, acc_k, acc_v, grad_q, grad_q)
+                grad_k[:, first:last] = acc_k
+                grad_v[:, first:last] = acc_v
+        return grad_q, grad_k, grad_v, None, None, None, None, None
+
+
+def _key_gradients_deterministic(kept_index, grad_score, weight, query, grad_out, grad_k, grad_v, scale):
+    """dK, dV by summing over the key-sorted pattern (no atomics): the PyTorch backend's reduction."""
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, k_len = grad_k.shape[1], grad_k.shape[2]
+    k = kept_index.shape[-1]
+    slabs, rows = batch * kv_heads, (heads // kv_heads) * q_len
+    work = grad_score.dtype
+    # Empty slots (-1) carry zero weight; point them at key 0 of their slab.
+    index = kept_index.reshape(slabs, rows, k).long().clamp_min(0)
+    flat = (index + (torch.arange(slabs, device=index.device) * k_len)[:, None, None]).view(-1, k)
+    by_key = TransposedPattern(flat, slabs * k_len)
+    dv = by_key.weighted_row_sum(grad_out.reshape(-1, head_dim).to(work), weight.reshape(-1, k))
+    dk = by_key.weighted_row_sum(query.reshape(-1, head_dim).to(work), grad_score.reshape(-1, k)) * scale
+    grad_v.copy_(dv.view(grad_v.shape))
+    grad_k.copy_(dk.view(grad_k.shape))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

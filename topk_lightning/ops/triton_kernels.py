@@ -1,0 +1,521 @@
+"""Triton kernels for top-k attention (imported only by `topk_lightning.ops.triton_backend`).
+
+Forward selection (`topk_forward_kernel`), one program per tile of ``BLOCK_M`` query rows of one (batch, head),
+persistent over tiles::
+
+    for each block of BLOCK_N keys:            (one pass over QK^T; scores never leave the chip)
+        s = q @ k_block.T * scale, masked       tl.dot, fp32 accumulation (fp64 for fp64 inputs)
+        append every s > threshold[row]         to the program's candidate buffer (CAND slots per row)
+        every SEGMENT blocks, if a buffer could overflow: keep each row's TOPK largest, threshold = the k-th
+    select a last time; write the kept key indices and the log-sum-exp of their scores
+
+The threshold only ever rises to the k-th largest score seen so far, so an entry below it can never be in the
+final top k: the result is exactly the top-k of each row (ties broken towards the lower key index). Selection is
+by bisection over the scores' bit patterns (order-preserving integer keys), which needs no sort.
+
+Output (`topk_output_kernel`) and backward (`topk_backward_kernel`), one program per ``BLOCK_R`` query rows:
+recompute p_j = exp(q . k[idx_j] * scale - lse) for the kept entries only; the output is sum_j p_j v[idx_j];
+backward forms dS, stores dQ and adds dK, dV atomically (or writes dS out for a deterministic reduction).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _order_keys(values, KEY_BITS: tl.constexpr):
+    """Integer keys whose signed order is the float order of ``values`` (fp32 -> int32, fp64 -> int64)."""
+    if KEY_BITS == 64:
+        bits = values.to(tl.int64, bitcast=True)
+        return tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+    else:
+        bits = values.to(tl.int32, bitcast=True)
+        return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _key_to_value(keys, KEY_BITS: tl.constexpr):
+    """Inverse of `_order_keys` (the transform is an involution)."""
+    if KEY_BITS == 64:
+        bits = tl.where(keys < 0, keys ^ 0x7FFFFFFFFFFFFFFF, keys)
+        return bits.to(tl.float64, bitcast=True)
+    else:
+        bits = tl.where(keys < 0, keys ^ 0x7FFFFFFF, keys)
+        return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _kth_largest_key(keys, valid, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Per row of ``keys`` (R, N): the largest key t with at least TOPK valid keys >= t, built bit by bit.
+
+    In two's complement the sign bit splits the range and the remaining bits order each half as unsigned numbers,
+    so deciding the sign first and then setting bits greedily from the top finds t exactly.
+    Rows with fewer than TOPK valid keys get the minimum integer (callers check the count).
+    """
+    if KEY_BITS == 64:
+        low = tl.full([keys.shape[0]], -9223372036854775808, tl.int64)
+        one = tl.full([keys.shape[0]], 1, tl.int64)
+    else:
+        low = tl.full([keys.shape[0]], -2147483648, tl.int32)
+        one = tl.full([keys.shape[0]], 1, tl.int32)
+    non_negative = tl.sum((valid & (keys >= 0)).to(tl.int32), axis=1)
+    answer = tl.where(non_negative >= TOPK, low * 0, low)
+    for step in range(0, KEY_BITS - 1):  # bits KEY_BITS-2 .. 0; a loop, not unrolled: compactions are rare
+        candidate = answer | (one << (KEY_BITS - 2 - step))
+        count = tl.sum((valid & (keys >= candidate[:, None])).to(tl.int32), axis=1)
+        answer = tl.where(count >= TOPK, candidate, answer)
+    return answer
+
+
+@triton.jit
+def _select_group(VAL, IDX_BUF, COUNT, THRESH, rows, slots, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Keep the TOPK largest buffered candidates of the buffer rows ``rows`` (one per warp), moved to the front of
+    each row in buffer order; counts and thresholds (the k-th largest value, or -inf while a row holds fewer than
+    TOPK entries) are written back to COUNT/THRESH. Returns the kept values, their key indices and new positions,
+    and the counts, for the final call's softmax."""
+    count = tl.load(COUNT + rows)
+    valid = slots[None, :] < count[:, None]
+    offsets = rows[:, None].to(tl.int64) * slots.shape[0] + slots[None, :]
+    values = tl.load(VAL + offsets, mask=valid, other=float("-inf"))
+    index = tl.load(IDX_BUF + offsets, mask=valid, other=-1)
+    keys = _order_keys(values, KEY_BITS)
+    kth = _kth_largest_key(keys, valid, TOPK, KEY_BITS)
+    full = count >= TOPK
+    above = valid & (keys > kth[:, None])
+    tied = valid & (keys == kth[:, None])
+    room = TOPK - tl.sum(above.to(tl.int32), axis=1)
+    keep = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=1) <= room[:, None]))
+    keep = tl.where(full[:, None], keep, valid)
+    position = tl.cumsum(keep.to(tl.int32), axis=1) - 1
+    new_count = tl.sum(keep.to(tl.int32), axis=1)
+    threshold = tl.where(full, _key_to_value(kth, KEY_BITS), float("-inf"))
+    tl.debug_barrier()  # every thread has read its rows before any entry moves
+    moved = rows[:, None].to(tl.int64) * slots.shape[0] + position
+    tl.store(VAL + moved, values, mask=keep)
+    tl.store(IDX_BUF + moved, index, mask=keep)
+    tl.store(COUNT + rows, new_count)
+    tl.store(THRESH + rows, threshold.to(values.dtype))
+    return values, index, keep, position, new_count
+
+
+@triton.jit
+def topk_forward_kernel(
+    Q, K, PAD, IDX, LSE, SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH, PARAMS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_pb, stride_pn,
+    heads, group, q_len, k_len, row_blocks, num_tiles, causal_offset,
+    TOPK: tl.constexpr, CAND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENT: tl.constexpr, GROUP: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    KEY_BITS: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Selection: each row's kept key indices (IDX, (B*H*Lq, TOPK), -1 past the row's count) and the log-sum-exp
+    of their scores (LSE). Grid (programs,), persistent over the B * H * row_blocks tiles. Each program owns
+    BLOCK_M rows of the SCRATCH_* buffers (CAND >= TOPK + SEGMENT * BLOCK_N slots per row, a count and a
+    threshold per row). PARAMS = [scale]
+    in the score dtype (fp64 for fp64 inputs, else fp32), as are SCRATCH_VAL, SCRATCH_THRESH and LSE.
+
+    The hot loop keeps only (BLOCK_M, BLOCK_N) tiles in registers; selection runs GROUP buffer rows at a time
+    (one row per warp) so that it never holds a (BLOCK_M, CAND) tile.
+    """
+    SCORE_DTYPE = SCRATCH_VAL.dtype.element_ty
+    scale = tl.load(PARAMS)
+    pid = tl.program_id(0)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    local = tl.arange(0, BLOCK_M)
+    slots = tl.arange(0, CAND)
+    keys_in_block = tl.arange(0, BLOCK_N)
+    group_rows = tl.arange(0, GROUP)
+    buffer_rows = pid * BLOCK_M + local  # this program's rows of the scratch buffers, reused tile after tile
+
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        bh = tile // row_blocks
+        row_block = tile % row_blocks
+        b = bh // heads
+        h = bh % heads
+        kv = h // group
+        rows = row_block * BLOCK_M + local
+        row_ok = rows < q_len
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+            mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+        )
+        if DOT_UPCAST:  # Triton's interpreter multiplies bfloat16 tiles wrongly; the GPU never takes this branch
+            q = q.to(tl.float32)
+        k_base = K + b * stride_kb + kv * stride_kh
+        count = tl.zeros([BLOCK_M], dtype=tl.int32)
+        threshold = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
+        key_end = k_len
+        if CAUSAL:
+            key_end = tl.minimum(k_len, row_block * BLOCK_M + BLOCK_M + causal_offset)
+        # Keys in segments of SEGMENT blocks: within one the loop only appends (no branches, so loads pipeline);
+        # between segments, rows whose buffer could not take another segment are selected down to TOPK.
+        for segment in range(0, key_end, SEGMENT * BLOCK_N):
+            for start in range(segment, tl.minimum(segment + SEGMENT * BLOCK_N, key_end), BLOCK_N):
+                cols = start + keys_in_block
+                col_ok = cols < k_len
+                k_t = tl.load(
+                    k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
+                    mask=dim_ok[:, None] & col_ok[None, :], other=0.0,
+                )
+                if DOT_UPCAST:
+                    k_t = k_t.to(tl.float32)
+                if IEEE:
+                    scores = tl.dot(q, k_t, input_precision="ieee", out_dtype=SCORE_DTYPE)
+                else:
+                    scores = tl.dot(q, k_t, out_dtype=SCORE_DTYPE)
+                scores = scores * scale
+                take = (scores > threshold[:, None]) & col_ok[None, :]
+                if HAS_PAD:
+                    pad = tl.load(PAD + b * stride_pb + cols * stride_pn, mask=col_ok, other=0)
+                    take = take & (pad != 0)[None, :]
+                if CAUSAL:
+                    take = take & (cols[None, :] <= rows[:, None] + causal_offset)
+                take = take & row_ok[:, None]
+                position = count[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
+                target = buffer_rows[:, None] * CAND + position  # int32: the buffers hold far fewer than 2**31
+                tl.store(SCRATCH_VAL + target, scores, mask=take)
+                tl.store(SCRATCH_IDX + target, cols[None, :] + position * 0, mask=take)
+                count += tl.sum(take.to(tl.int32), axis=1)
+            if tl.max(count, axis=0) > CAND - SEGMENT * BLOCK_N:
+                tl.store(SCRATCH_COUNT + buffer_rows, count)
+                tl.debug_barrier()
+                for first in range(0, BLOCK_M, GROUP):
+                    _select_group(SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH,
+                                  pid * BLOCK_M + first + group_rows, slots, TOPK, KEY_BITS)
+                tl.debug_barrier()
+                count = tl.load(SCRATCH_COUNT + buffer_rows)
+                threshold = tl.load(SCRATCH_THRESH + buffer_rows)
+
+        # Final selection, GROUP rows at a time: kept indices and the log-sum-exp of their scores.
+        tl.store(SCRATCH_COUNT + buffer_rows, count)
+        tl.debug_barrier()
+        for first in range(0, BLOCK_M, GROUP):
+            rows_g = row_block * BLOCK_M + first + group_rows
+            values, index, keep, position, kept = _select_group(
+                SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH, pid * BLOCK_M + first + group_rows,
+                slots, TOPK, KEY_BITS,
+            )
+            # Rows with nothing to attend (kept 0) get lse = -inf and no kept entries: zeros, never NaN.
+            row_max = tl.where(kept > 0, tl.max(tl.where(keep, values, float("-inf")), axis=1), 0.0)
+            total = tl.sum(tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - row_max[:, None]), 0.0), axis=1)
+            lse = tl.where(kept > 0, row_max + tl.log(tl.where(kept > 0, total, 1.0)), float("-inf"))
+            rows_g_ok = rows_g < q_len
+            row_slots = (bh * q_len + rows_g).to(tl.int64)
+            tl.store(LSE + row_slots, lse, mask=rows_g_ok)
+            # Slots past a row's count keep the -1 the caller filled IDX with.
+            tl.store(IDX + row_slots[:, None] * TOPK + position, index, mask=keep & rows_g_ok[:, None])
+        tl.debug_barrier()  # the buffer is reused by the next tile
+
+
+@triton.jit
+def _stack_counts(VAL, IDX_BUF, base, tile, count, DEPTH: tl.constexpr, SLICE: tl.constexpr,
+                  KEY_BITS: tl.constexpr, TOPK: tl.constexpr):
+    """Rank the entries of the (BLOCK_M, BLOCK_N) column stacks: the k-th largest key of every row, and the key
+    index up to which entries tied with it are kept (lowest indices first). Everything is reduced along rows in
+    the layout of the loaded slices, so no step crosses warps."""
+    if KEY_BITS == 64:
+        low = tl.full([count.shape[0]], -9223372036854775808, tl.int64)
+        one = tl.full([count.shape[0]], 1, tl.int64)
+    else:
+        low = tl.full([count.shape[0]], -2147483648, tl.int32)
+        one = tl.full([count.shape[0]], 1, tl.int32)
+    held = tl.sum(count, axis=1)
+    non_negative = tl.zeros([count.shape[0]], dtype=tl.int32)
+    for d in range(0, DEPTH):
+        valid = d < count
+        values = tl.load(VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
+        non_negative += tl.sum((valid & (_order_keys(values, KEY_BITS) >= 0)).to(tl.int32), axis=1)
+    answer = tl.where(non_negative >= TOPK, low * 0, low)
+    for step in range(0, KEY_BITS - 1):
+        candidate = answer | (one << (KEY_BITS - 2 - step))
+        at_least = tl.zeros([count.shape[0]], dtype=tl.int32)
+        for d in range(0, DEPTH):
+            valid = d < count
+            values = tl.load(VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
+            at_least += tl.sum((valid & (_order_keys(values, KEY_BITS) >= candidate[:, None])).to(tl.int32), axis=1)
+        answer = tl.where(at_least >= TOPK, candidate, answer)
+    above = tl.zeros([count.shape[0]], dtype=tl.int32)
+    tied = tl.zeros([count.shape[0]], dtype=tl.int32)
+    for d in range(0, DEPTH):
+        valid = d < count
+        keys = _order_keys(tl.load(VAL + base + d * SLICE + tile, mask=valid, other=float("-inf")), KEY_BITS)
+        above += tl.sum((valid & (keys > answer[:, None])).to(tl.int32), axis=1)
+        tied += tl.sum((valid & (keys == answer[:, None])).to(tl.int32), axis=1)
+    full = held >= TOPK
+    room = TOPK - above
+    # Among entries tied at the k-th key keep the `room` lowest key indices: the room-th smallest index, bit by bit.
+    index_cut = tl.full([count.shape[0]], 2147483647, tl.int32)
+    if tl.max(tl.where(full, tied - room, 0), axis=0) > 0:
+        cut = tl.zeros([count.shape[0]], dtype=tl.int32)
+        for step in range(0, 31):
+            candidate = cut + (tl.full([count.shape[0]], 1, tl.int32) << (30 - step))
+            below = tl.zeros([count.shape[0]], dtype=tl.int32)
+            for d in range(0, DEPTH):
+                valid = d < count
+                keys = _order_keys(tl.load(VAL + base + d * SLICE + tile, mask=valid, other=float("-inf")), KEY_BITS)
+                index = tl.load(IDX_BUF + base + d * SLICE + tile, mask=valid, other=0)
+                below += tl.sum((valid & (keys == answer[:, None]) & (index < candidate[:, None])).to(tl.int32),
+                                axis=1)
+            cut = tl.where(below < room, candidate, cut)
+        index_cut = tl.where(tied > room, cut, index_cut)
+    return answer, index_cut, full
+
+
+@triton.jit
+def topk_forward_stacks_kernel(
+    Q, K, PAD, IDX, LSE, BUF_VAL, BUF_IDX, PARAMS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_pb, stride_pn,
+    heads, group, q_len, k_len, row_blocks, num_tiles, causal_offset,
+    TOPK: tl.constexpr, DEPTH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENT: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    KEY_BITS: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Selection, like `topk_forward_kernel`, with the candidate buffer laid out as column stacks.
+
+    Score (r, c) of every key block can only go to stack (r, c) (DEPTH slots), at the stack's own depth, so an
+    append is an elementwise store in the layout the scores come in: no prefix sum, no shared memory. After every
+    SEGMENT blocks, if a stack might overflow, each row is cut to its TOPK largest entries (bisection over the
+    loaded stack slices, reduced along rows only) and the kept entries are repacked evenly over the row's stacks.
+    BUF_* hold DEPTH slices of (BLOCK_M, BLOCK_N) per program.
+    """
+    SCORE_DTYPE = BUF_VAL.dtype.element_ty
+    SLICE: tl.constexpr = BLOCK_M * BLOCK_N
+    scale = tl.load(PARAMS)
+    pid = tl.program_id(0)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    local = tl.arange(0, BLOCK_M)
+    lanes = tl.arange(0, BLOCK_N)
+    tile = local[:, None] * BLOCK_N + lanes[None, :]
+    base = pid * (DEPTH * SLICE)
+
+    for tile_id in range(pid, num_tiles, tl.num_programs(0)):
+        bh = tile_id // row_blocks
+        row_block = tile_id % row_blocks
+        b = bh // heads
+        h = bh % heads
+        kv = h // group
+        rows = row_block * BLOCK_M + local
+        row_ok = rows < q_len
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+            mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+        )
+        if DOT_UPCAST:  # Triton's interpreter multiplies bfloat16 tiles wrongly; the GPU never takes this branch
+            q = q.to(tl.float32)
+        k_base = K + b * stride_kb + kv * stride_kh
+        count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        threshold = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
+        key_end = k_len
+        if CAUSAL:
+            key_end = tl.minimum(k_len, row_block * BLOCK_M + BLOCK_M + causal_offset)
+        for segment in range(0, key_end, SEGMENT * BLOCK_N):
+            for start in range(segment, tl.minimum(segment + SEGMENT * BLOCK_N, key_end), BLOCK_N):
+                cols = start + lanes
+                col_ok = cols < k_len
+                k_t = tl.load(
+                    k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
+                    mask=dim_ok[:, None] & col_ok[None, :], other=0.0,
+                )
+                if DOT_UPCAST:
+                    k_t = k_t.to(tl.float32)
+                if IEEE:
+                    scores = tl.dot(q, k_t, input_precision="ieee", out_dtype=SCORE_DTYPE)
+                else:
+                    scores = tl.dot(q, k_t, out_dtype=SCORE_DTYPE)
+                scores = scores * scale
+                take = (scores > threshold[:, None]) & col_ok[None, :] & row_ok[:, None]
+                if HAS_PAD:
+                    pad = tl.load(PAD + b * stride_pb + cols * stride_pn, mask=col_ok, other=0)
+                    take = take & (pad != 0)[None, :]
+                if CAUSAL:
+                    take = take & (cols[None, :] <= rows[:, None] + causal_offset)
+                slot = base + count * SLICE + tile
+                tl.store(BUF_VAL + slot, scores, mask=take)
+                tl.store(BUF_IDX + slot, cols[None, :] + count * 0, mask=take)
+                count += take.to(tl.int32)
+            if tl.max(tl.max(count, axis=1), axis=0) > DEPTH - SEGMENT:
+                tl.debug_barrier()  # appends by every thread are visible before the stacks are read
+                kth, index_cut, full = _stack_counts(BUF_VAL, BUF_IDX, base, tile, count, DEPTH, SLICE,
+                                                     KEY_BITS, TOPK)
+                # Repack the kept entries, in (depth, lane) order, to flat positions p -> slice p // BLOCK_N,
+                # lane p % BLOCK_N. A slice is only written once every thread has read it.
+                packed = tl.zeros([BLOCK_M], dtype=tl.int32)
+                for d in range(0, DEPTH):
+                    valid = d < count
+                    values = tl.load(BUF_VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
+                    index = tl.load(BUF_IDX + base + d * SLICE + tile, mask=valid, other=0)
+                    keys = _order_keys(values, KEY_BITS)
+                    keep = valid & ((keys > kth[:, None]) | ((keys == kth[:, None]) & (index <= index_cut[:, None])))
+                    keep = tl.where(full[:, None], keep, valid)
+                    position = packed[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+                    packed += tl.sum(keep.to(tl.int32), axis=1)
+                    target = base + (position // BLOCK_N) * SLICE + local[:, None] * BLOCK_N + position % BLOCK_N
+                    tl.debug_barrier()
+                    tl.store(BUF_VAL + target, values, mask=keep)
+                    tl.store(BUF_IDX + target, index, mask=keep)
+                tl.debug_barrier()
+                count = tl.maximum((packed[:, None] - lanes[None, :] + BLOCK_N - 1) // BLOCK_N, 0)
+                threshold = tl.where(full, _key_to_value(kth, KEY_BITS), threshold).to(SCORE_DTYPE)
+
+        # Final selection: the kept key indices, in (depth, lane) order, and the log-sum-exp of their scores.
+        tl.debug_barrier()
+        kth, index_cut, full = _stack_counts(BUF_VAL, BUF_IDX, base, tile, count, DEPTH, SLICE,
+                                             KEY_BITS, TOPK)
+        row_max = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
+        for d in range(0, DEPTH):
+            valid = d < count
+            values = tl.load(BUF_VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
+            index = tl.load(BUF_IDX + base + d * SLICE + tile, mask=valid, other=0)
+            keys = _order_keys(values, KEY_BITS)
+            keep = valid & ((keys > kth[:, None]) | ((keys == kth[:, None]) & (index <= index_cut[:, None])))
+            keep = tl.where(full[:, None], keep, valid)
+            row_max = tl.maximum(row_max, tl.max(tl.where(keep, values, float("-inf")), axis=1))
+        kept = tl.zeros([BLOCK_M], dtype=tl.int32)
+        total = tl.zeros([BLOCK_M], dtype=SCORE_DTYPE)
+        safe_max = tl.where(row_max > float("-inf"), row_max, 0.0)
+        row_slots = (bh * q_len + rows).to(tl.int64)
+        for d in range(0, DEPTH):
+            valid = d < count
+            values = tl.load(BUF_VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
+            index = tl.load(BUF_IDX + base + d * SLICE + tile, mask=valid, other=0)
+            keys = _order_keys(values, KEY_BITS)
+            keep = valid & ((keys > kth[:, None]) | ((keys == kth[:, None]) & (index <= index_cut[:, None])))
+            keep = tl.where(full[:, None], keep, valid)
+            position = kept[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+            kept += tl.sum(keep.to(tl.int32), axis=1)
+            total += tl.sum(tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - safe_max[:, None]), 0.0), axis=1)
+            # Slots past a row's count keep the -1 the caller filled IDX with.
+            tl.store(IDX + row_slots[:, None] * TOPK + position, index, mask=keep & row_ok[:, None])
+        # Rows with nothing to attend (kept 0) get lse = -inf and no kept entries: zeros, never NaN.
+        lse = tl.where(kept > 0, safe_max + tl.log(tl.where(kept > 0, total, 1.0)), float("-inf"))
+        tl.store(LSE + row_slots, lse, mask=row_ok)
+        tl.debug_barrier()  # the stacks are reused by the next tile
+
+
+@triton.jit(do_not_specialize=["seed"])
+def topk_output_kernel(
+    Q, K, V, IDX, LSE, OUT, PARAMS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    heads, group, q_len, seed,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    """out = sum_j w_j v[idx_j] with w_j = exp(q . k[idx_j] * scale - lse), dropout applied: the probabilities are
+    recomputed from the kept indices rather than stored. Grid (query row blocks, batch x heads)."""
+    ACC = LSE.dtype.element_ty
+    scale = tl.load(PARAMS)
+    dropout_p = tl.load(PARAMS + 1)
+    row_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    kv = h // group
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < q_len
+    slots = tl.arange(0, TOPK_P2)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    row_slots = (bh * q_len + rows).to(tl.int64)
+    index = tl.load(IDX + row_slots[:, None] * TOPK + slots[None, :],
+                    mask=row_ok[:, None] & (slots < TOPK)[None, :], other=-1)
+    present = index >= 0
+    safe_index = tl.where(present, index, 0)
+    gather = present[:, :, None] & dim_ok[None, None, :]
+    lse = tl.load(LSE + row_slots, mask=row_ok, other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(ACC)
+    keys = tl.load(K + b * stride_kb + kv * stride_kh + safe_index[:, :, None] * stride_kn
+                   + dims[None, None, :] * stride_kd, mask=gather, other=0.0).to(ACC)
+    weight = tl.where(present, tl.exp(tl.sum(q[:, None, :] * keys, axis=2) * scale - lse[:, None]), 0.0)
+    if DROPOUT:
+        kept = tl.rand(seed + bh, rows[:, None] * TOPK + slots[None, :]) >= dropout_p
+        weight = tl.where(kept, weight / (1.0 - dropout_p), 0.0)
+    values = tl.load(V + b * stride_vb + kv * stride_vh + safe_index[:, :, None] * stride_vn
+                     + dims[None, None, :] * stride_vd, mask=gather, other=0.0).to(ACC)
+    out = tl.sum(weight[:, :, None] * values, axis=1)
+    tl.store(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+             out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def topk_backward_kernel(
+    Q, K, V, DO, IDX, LSE, DQ, DK, DV, DS, W, PARAMS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    heads, launch_heads, head_offset, group, q_len, seed,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """Grid (query row blocks, batch x launch_heads). The launch covers query heads head_offset ...
+    head_offset + launch_heads - 1; DK/DV (fp32 accumulators, ATOMIC) hold only their kv heads, the first one
+    being head_offset // group. Without ATOMIC, dS and the dropout-scaled probabilities go to DS/W (B, H, Lq, TOPK)
+    for a deterministic reduction by the caller. LSE and PARAMS = [scale, dropout_p] have the compute dtype."""
+    ACC = LSE.dtype.element_ty
+    scale = tl.load(PARAMS)
+    dropout_p = tl.load(PARAMS + 1)
+    row_block = tl.program_id(0)
+    b = tl.program_id(1) // launch_heads
+    h = tl.program_id(1) % launch_heads + head_offset
+    kv = h // group
+    kv_local = kv - head_offset // group
+    bh = b * heads + h
+
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < q_len
+    slots = tl.arange(0, TOPK_P2)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    row_slots = (bh * q_len + rows).to(tl.int64)
+
+    index = tl.load(IDX + row_slots[:, None] * TOPK + slots[None, :],
+                    mask=row_ok[:, None] & (slots < TOPK)[None, :], other=-1)
+    present = index >= 0
+    lse = tl.load(LSE + row_slots, mask=row_ok, other=0.0).to(ACC)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(ACC)
+    grad_out = tl.load(
+        DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + dims[None, :] * stride_dod,
+        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+    ).to(ACC)
+    gather = present[:, :, None] & dim_ok[None, None, :]
+    safe_index = tl.where(present, index, 0)
+    keys = tl.load(K + b * stride_kb + kv * stride_kh + safe_index[:, :, None] * stride_kn
+                   + dims[None, None, :] * stride_kd, mask=gather, other=0.0).to(ACC)
+    values = tl.load(V + b * stride_vb + kv * stride_vh + safe_index[:, :, None] * stride_vn
+                     + dims[None, None, :] * stride_vd, mask=gather, other=0.0).to(ACC)
+
+    prob = tl.where(present, tl.exp(tl.sum(q[:, None, :] * keys, axis=2) * scale - lse[:, None]), 0.0)
+    grad_prob = tl.sum(grad_out[:, None, :] * values, axis=2)
+    weight = prob
+    if DROPOUT:
+        kept = tl.rand(seed + bh, rows[:, None] * TOPK + slots[None, :]) >= dropout_p
+        grad_prob = tl.where(kept, grad_prob / (1.0 - dropout_p), 0.0)
+        weight = tl.where(kept, prob / (1.0 - dropout_p), 0.0)
+    grad_score = prob * (grad_prob - tl.sum(prob * grad_prob, axis=1)[:, None])
+
+    grad_q = tl.sum(grad_score[:, :, None] * keys, axis=1) * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + dims[None, :] * stride_dqd,
+             grad_q.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    if ATOMIC:
+        target = (b * stride_dkb + kv_local * stride_dkh + safe_index[:, :, None] * stride_dkn
+                  + dims[None, None, :] * stride_dkd)
+        tl.atomic_add(DK + target, (grad_score * scale)[:, :, None] * q[:, None, :], mask=gather, sem="relaxed")
+        tl.atomic_add(DV + target, weight[:, :, None] * grad_out[:, None, :], mask=gather, sem="relaxed")
+    else:
+        entry = row_slots[:, None] * TOPK + slots[None, :]
+        tl.store(DS + entry, grad_score, mask=present)
+        tl.store(W + entry, weight, mask=present)
