@@ -47,8 +47,9 @@ def test_fp64_outputs_and_gradients_equal_dense_topk(topk, causal, padded):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_buffer_layout_equals_dense_topk(monkeypatch, causal):
-    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "32,32,4,2,buffer")
+def test_stacks_layout_equals_dense_topk(monkeypatch, causal):
+    # the default layout is "buffer" (measured on a GPU); "stacks" is selectable and must select the same keys
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "32,32,4,2,stacks")
     _assert_close_to_reference(dict(topk=5, causal=causal, key_padding_mask=_padding(2, 45)), atol=1e-10)
 
 

@@ -69,10 +69,12 @@ def forward_config(topk: int, head_dim: int, dtype: torch.dtype) -> dict:
     the lanes plus a segment, with room so that cuts are rare once the threshold is high. ``layout`` "buffer"
     (`topk_forward_kernel`) appends to one CAND-slot buffer per row through a prefix sum.
     """
-    # Measured on an H200 (benchmarks/tune_triton.py); checked for register spills with ptxas for D <= 128.
-    block_n = 64 if head_dim <= 64 else 32
-    config = {"BLOCK_M": 64, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 3, "SEGMENT": 2,
-              "layout": "stacks"}
+    # The default is the configuration measured fastest on an H200 (benchmarks/tune_triton.py, 2026-11-30:
+    # benchmarks/results/attention_cuda.md). The "stacks" layout compiles without register spills for D <= 128
+    # (ptxas) and passes the interpreter tests, but has not yet run on a GPU: select it with
+    # TOPK_LIGHTNING_TRITON_FWD=64,64,8,2,stacks (BLOCK_N 32 for D > 64) and measure before relying on it.
+    config = {"BLOCK_M": 64, "BLOCK_N": 64 if head_dim <= 128 else 32, "num_warps": 4, "num_stages": 3,
+              "SEGMENT": 2, "layout": "buffer"}
     override = os.environ.get("TOPK_LIGHTNING_TRITON_FWD")  # "BLOCK_M,BLOCK_N,num_warps,SEGMENT[,layout]"
     if override:
         fields = override.split(",")

@@ -99,6 +99,47 @@ def _select_group(VAL, IDX_BUF, COUNT, THRESH, rows, slots, TOPK: tl.constexpr, 
 
 
 @triton.jit
+def _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, stride_qm, stride_qd,
+                     DOT_UPCAST: tl.constexpr):
+    """The (BLOCK_M, BLOCK_D) query tile of head (b, h), zeros past the rows and the head dimension."""
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+    )
+    if DOT_UPCAST:  # Triton's interpreter multiplies bfloat16 tiles wrongly; the GPU never takes this branch
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, scale, k_len, causal_offset,
+                stride_kn, stride_kd, stride_pb, stride_pn,
+                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                SCORE_DTYPE: tl.constexpr):
+    """Scaled scores of a (BLOCK_M, BLOCK_N) tile against keys ``cols``, and which of them to append: above the
+    row's threshold, on a real row and key, not padding, not in the causal future."""
+    col_ok = cols < k_len
+    k_t = tl.load(
+        k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
+        mask=dim_ok[:, None] & col_ok[None, :], other=0.0,
+    )
+    if DOT_UPCAST:
+        k_t = k_t.to(tl.float32)
+    if IEEE:
+        scores = tl.dot(q, k_t, input_precision="ieee", out_dtype=SCORE_DTYPE)
+    else:
+        scores = tl.dot(q, k_t, out_dtype=SCORE_DTYPE)
+    scores = scores * scale
+    take = (scores > threshold[:, None]) & col_ok[None, :]
+    if HAS_PAD:
+        pad = tl.load(PAD + b * stride_pb + cols * stride_pn, mask=col_ok, other=0)
+        take = take & (pad != 0)[None, :]
+    if CAUSAL:
+        take = take & (cols[None, :] <= rows[:, None] + causal_offset)
+    return scores, take & row_ok[:, None]
+
+
+@triton.jit
 def topk_forward_kernel(
     Q, K, PAD, IDX, LSE, SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH, PARAMS,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -138,12 +179,8 @@ def topk_forward_kernel(
         kv = h // group
         rows = row_block * BLOCK_M + local
         row_ok = rows < q_len
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
-            mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
-        )
-        if DOT_UPCAST:  # Triton's interpreter multiplies bfloat16 tiles wrongly; the GPU never takes this branch
-            q = q.to(tl.float32)
+        q = _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, stride_qm, stride_qd,
+                             DOT_UPCAST)
         k_base = K + b * stride_kb + kv * stride_kh
         count = tl.zeros([BLOCK_M], dtype=tl.int32)
         threshold = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
@@ -155,25 +192,9 @@ def topk_forward_kernel(
         for segment in range(0, key_end, SEGMENT * BLOCK_N):
             for start in range(segment, tl.minimum(segment + SEGMENT * BLOCK_N, key_end), BLOCK_N):
                 cols = start + keys_in_block
-                col_ok = cols < k_len
-                k_t = tl.load(
-                    k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
-                    mask=dim_ok[:, None] & col_ok[None, :], other=0.0,
-                )
-                if DOT_UPCAST:
-                    k_t = k_t.to(tl.float32)
-                if IEEE:
-                    scores = tl.dot(q, k_t, input_precision="ieee", out_dtype=SCORE_DTYPE)
-                else:
-                    scores = tl.dot(q, k_t, out_dtype=SCORE_DTYPE)
-                scores = scores * scale
-                take = (scores > threshold[:, None]) & col_ok[None, :]
-                if HAS_PAD:
-                    pad = tl.load(PAD + b * stride_pb + cols * stride_pn, mask=col_ok, other=0)
-                    take = take & (pad != 0)[None, :]
-                if CAUSAL:
-                    take = take & (cols[None, :] <= rows[:, None] + causal_offset)
-                take = take & row_ok[:, None]
+                scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, scale,
+                                           k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                                           HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE)
                 position = count[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
                 target = buffer_rows[:, None] * CAND + position  # int32: the buffers hold far fewer than 2**31
                 tl.store(SCRATCH_VAL + target, scores, mask=take)
@@ -303,12 +324,8 @@ def topk_forward_stacks_kernel(
         kv = h // group
         rows = row_block * BLOCK_M + local
         row_ok = rows < q_len
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
-            mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
-        )
-        if DOT_UPCAST:  # Triton's interpreter multiplies bfloat16 tiles wrongly; the GPU never takes this branch
-            q = q.to(tl.float32)
+        q = _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, stride_qm, stride_qd,
+                             DOT_UPCAST)
         k_base = K + b * stride_kb + kv * stride_kh
         count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         threshold = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
@@ -318,24 +335,9 @@ def topk_forward_stacks_kernel(
         for segment in range(0, key_end, SEGMENT * BLOCK_N):
             for start in range(segment, tl.minimum(segment + SEGMENT * BLOCK_N, key_end), BLOCK_N):
                 cols = start + lanes
-                col_ok = cols < k_len
-                k_t = tl.load(
-                    k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
-                    mask=dim_ok[:, None] & col_ok[None, :], other=0.0,
-                )
-                if DOT_UPCAST:
-                    k_t = k_t.to(tl.float32)
-                if IEEE:
-                    scores = tl.dot(q, k_t, input_precision="ieee", out_dtype=SCORE_DTYPE)
-                else:
-                    scores = tl.dot(q, k_t, out_dtype=SCORE_DTYPE)
-                scores = scores * scale
-                take = (scores > threshold[:, None]) & col_ok[None, :] & row_ok[:, None]
-                if HAS_PAD:
-                    pad = tl.load(PAD + b * stride_pb + cols * stride_pn, mask=col_ok, other=0)
-                    take = take & (pad != 0)[None, :]
-                if CAUSAL:
-                    take = take & (cols[None, :] <= rows[:, None] + causal_offset)
+                scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, scale,
+                                           k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                                           HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE)
                 slot = base + count * SLICE + tile
                 tl.store(BUF_VAL + slot, scores, mask=take)
                 tl.store(BUF_IDX + slot, cols[None, :] + count * 0, mask=take)
