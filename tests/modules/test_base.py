@@ -172,6 +172,22 @@ def test_bad_arguments_name_the_option(tiny_bert, kwargs, match):
         TopKTransformerModule(backbone=tiny_bert, **kwargs)
 
 
+def test_backbone_config_replaces_entries_when_loading(tiny_bert):
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 24)), "attention_mask": torch.ones(2, 24, dtype=torch.long)}
+    default = ExtractiveQAModule(backbone=tiny_bert, attention="topk", topk=4, query_chunk_size=8)
+    assert default.training and default.backbone.config.hidden_dropout_prob == 0.1
+    assert not torch.equal(default.encode(batch), default.encode(batch))  # dropout draws differ
+    off = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    module = ExtractiveQAModule(backbone=tiny_bert, attention="topk", topk=4, query_chunk_size=8, backbone_config=off)
+    assert module.training and module.hparams.backbone_config == off
+    assert module.backbone.config.hidden_dropout_prob == 0.0
+    assert all(m.p == 0.0 for m in module.backbone.modules() if isinstance(m, nn.Dropout))
+    torch.testing.assert_close(module.encode(batch), module.encode(batch), rtol=0, atol=0)  # no dropout left
+    with pytest.raises(InputError, match=r"backbone_config: the bert config of .* has no entry 'dropout_rate'"):
+        ExtractiveQAModule(backbone=tiny_bert, backbone_config={"dropout_rate": 0.0})
+
+
 def test_unknown_backbone_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match=r"cannot load backbone '.*no-such-model'"):
         TopKTransformerModule(backbone=str(tmp_path / "no-such-model"))

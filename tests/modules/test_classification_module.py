@@ -109,6 +109,14 @@ def test_export_replaces_a_previous_export_and_cleans_up_on_failure(tmp_path, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # nothing half-written left behind
 
 
+def test_backbone_config_reaches_the_family_model_with_the_task_entries(tiny_bert):
+    module = SequenceClassificationModule(backbone=tiny_bert, pooling="model", num_labels=3, classifier_dropout=0.2,
+                                          backbone_config={"hidden_dropout_prob": 0.0})
+    config = module.backbone.config
+    assert config.hidden_dropout_prob == 0.0 and config.num_labels == 3 and config.classifier_dropout == 0.2
+    assert config.attention_probs_dropout_prob == 0.1  # entries not named keep the checkpoint's value
+
+
 def test_bad_arguments(tiny_bert):
     with pytest.raises(ValueError, match="num_labels"):
         SequenceClassificationModule(backbone=tiny_bert, num_labels=1)

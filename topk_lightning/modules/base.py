@@ -112,6 +112,9 @@ class TopKTransformerModule(LightningModule):
     Args:
         backbone: a local model directory (``save_pretrained`` layout) or a name already in the Hugging Face cache.
             ``None``: the bundled pretrained all-MiniLM-L6-v2.
+        backbone_config: entries of the backbone's config to replace when loading it, e.g.
+            ``{"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}`` (BERT's names) to fine-tune
+            without dropout; ``None`` = the checkpoint's values. A key the config does not have is an error.
         attention: ``"topk"`` (top-k attention via :func:`topk_lightning.apply_topk`), or ``"sdpa"`` / ``"eager"``
             (vanilla attention; the same recipe then compares top-k with the dense baseline).
         topk: keys kept per query (``attention="topk"`` only; checked whatever the attention); ``>= 1``.
@@ -143,6 +146,7 @@ class TopKTransformerModule(LightningModule):
         self,
         *,
         backbone: str | None = None,
+        backbone_config: dict[str, Any] | None = None,
         attention: Attention = "topk",
         topk: int = _TOPK_DEFAULTS.topk,
         query_chunk_size: int = _TOPK_DEFAULTS.query_chunk_size,
@@ -190,10 +194,23 @@ class TopKTransformerModule(LightningModule):
         patching, positions and export work on either."""
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = self.pretrained_config(path)
         encoder_only = ENCODER_ONLY_CLASSES.get(config.model_type)
         model_class = getattr(transformers, encoder_only) if encoder_only else transformers.AutoModel
         return model_class.from_pretrained(path, config=config, attn_implementation=attn_implementation)
+
+    def pretrained_config(self, path: str, **task_entries: Any) -> Any:
+        """The backbone's config (``AutoConfig``) with ``task_entries`` (what a task sets, e.g. ``num_labels``) and
+        then the user's ``backbone_config`` replacing its entries."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, **task_entries)
+        for key, value in (self.hparams.backbone_config or {}).items():
+            if not hasattr(config, key):
+                raise InputError(f"{type(self).__name__}: backbone_config: the {config.model_type} config of {path!r} "
+                                 f"has no entry {key!r}")
+            setattr(config, key, value)
+        return config
 
     def build_topk_config(self) -> TopKConfig:
         """The `TopKConfig` made of this module's options (`TOPK_CONFIG_OPTIONS`), which also checks them.

@@ -76,10 +76,10 @@ class SequenceClassificationModule(TopKTransformerModule):
         hp = self.hparams
         if hp.pooling != "model":
             return super().load_pretrained(path, attn_implementation)
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification
 
         names = hp.class_names or [f"LABEL_{i}" for i in range(hp.num_labels)]
-        config = AutoConfig.from_pretrained(
+        config = self.pretrained_config(
             path,
             num_labels=hp.num_labels,
             id2label=dict(enumerate(names)),
