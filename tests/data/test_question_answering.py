@@ -99,6 +99,22 @@ def test_needle_datamodule_and_feature_cache(tmp_path, tokenizer_path):
     assert torch.equal(first["input_ids"], second["input_ids"]) and first["example_id"] == second["example_id"]
 
 
+def test_needle_short_training_long_evaluation_and_mentions(tmp_path, tokenizer_path):
+    dm = make(tmp_path, tokenizer_path, dataset="needle", needle_train_examples=4, needle_eval_examples=4,
+              needle_document_words=20, needle_eval_document_words=400, needle_distractors=6, needle_mentions=0)
+    train, val = dm.load_examples("train"), dm.load_examples("validation")
+    assert all(len(e["context"].split()) < 20 + 7 * 12 for e in train)  # filler plus seven facts
+    assert all(len(e["context"].split()) >= 400 for e in val)
+    for example in train + val:  # no mentions: every entity is named once, in its fact
+        asked = example["question"].rstrip("?").split(" the ")[-1].removesuffix(" built").removesuffix(" painted")
+        assert example["context"].count(asked) == 1, (asked, example["context"])
+    with_mentions = make(tmp_path, tokenizer_path, dataset="needle", needle_train_examples=4, needle_eval_examples=4,
+                         needle_document_words=20, needle_distractors=6, needle_mentions=2)
+    for example in with_mentions.load_examples("train"):
+        asked = example["question"].rstrip("?").split(" the ")[-1].removesuffix(" built").removesuffix(" painted")
+        assert example["context"].count(asked) == 3  # its fact and two filler sentences
+
+
 def test_join_paragraphs_datamodule(tmp_path, tokenizer_path, squad_file):
     dm = make(tmp_path, tokenizer_path, validation_file=str(squad_file), join_paragraphs=True, max_length=8192,
               doc_stride=128, limit_eval_examples=3, eval_batch_size=3)

@@ -53,6 +53,7 @@ class QADataModule(BaseDataModule):
         needle_eval_document_words: the same for the validation and test documents; ``None`` = as training. Short
             training documents teach the task in fewer CPU seconds; long evaluation documents test it at length.
         needle_distractors: facts of the same form as the answer about other entities, per document.
+        needle_mentions: filler sentences naming each entity without stating its fact, per entity and document.
         needle_unanswerable_fraction: share of needle questions with no answer in the document (0 = none).
         needle_seed: seed of the needle generator (train, validation and test use different streams of it).
         **kwargs: the options shared with the other data modules (``tokenizer``, ``train_file``,
@@ -75,6 +76,7 @@ class QADataModule(BaseDataModule):
         needle_document_words: int = 2000,
         needle_eval_document_words: int | None = None,
         needle_distractors: int = 8,
+        needle_mentions: int = 1,
         needle_unanswerable_fraction: float = 0.0,
         needle_seed: int = 0,
         **kwargs,
@@ -98,8 +100,8 @@ class QADataModule(BaseDataModule):
         self.max_question_length = max_question_length
         self.join_paragraphs = join_paragraphs
         self.paragraph_separator = paragraph_separator
-        self.needle = dict(num_distractors=needle_distractors, unanswerable_fraction=needle_unanswerable_fraction,
-                           seed=needle_seed)
+        self.needle = dict(num_distractors=needle_distractors, mentions=needle_mentions,
+                           unanswerable_fraction=needle_unanswerable_fraction, seed=needle_seed)
         eval_words = needle_document_words if needle_eval_document_words is None else needle_eval_document_words
         self.needle_words = {"train": needle_document_words, "validation": eval_words, "test": eval_words}
         self.needle_counts = {"train": needle_train_examples, "validation": needle_eval_examples,
