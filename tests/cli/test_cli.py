@@ -269,7 +269,7 @@ def test_print_config_shows_the_linked_values_and_still_feeds_back(tmp_path, cap
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "recipes/qa.yaml"), "--model.query_chunk_size=256", "--print_config"])
     printed = capsys.readouterr().out
-    assert "#   model.max_positions: 2048  (= data.max_length)" in printed
+    assert "#   model.max_positions: 2176  (= data.max_length)" in printed
     assert "#   data.pad_to_multiple_of: 256  (= model.query_chunk_size)" in printed
     assert "#   model.tokenizer: null  (= data.tokenizer)" in printed
     assert "num_labels" not in printed  # a QA model has no such argument

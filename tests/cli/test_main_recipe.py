@@ -13,13 +13,15 @@ def test_main_recipe_two_steps(tmp_path, monkeypatch):
     cli = build_cli([
         "fit", "--config", str(REPO / "recipes/qa.yaml"),
         "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
-        "--data.needle_train_examples=2", "--data.needle_eval_examples=2", "--data.eval_batch_size=2",
-        # shorter documents keep the test to seconds; the rest is as shipped
-        "--data.needle_document_words=60", "--data.needle_eval_document_words=250",
+        "--data.needle_train_examples=8", "--data.needle_eval_examples=2", "--data.eval_batch_size=2",
+        # shorter evaluation documents keep the test to seconds; the rest is as shipped
+        "--data.needle_eval_document_words=250",
         f"--data.cache_dir={tmp_path / 'cache'}",
     ])
     model = cli.model
     assert model.hparams.attention == "topk" and model.hparams.topk == 64 and model.hparams.ff_chunk_size == 512
+    assert model.backbone.config.hidden_dropout_prob == model.backbone.config.attention_probs_dropout_prob == 0.0
+    assert cli.datamodule.needle_words == {"train": 100, "validation": 250, "test": 250}
     assert model.hparams.max_positions == 2176  # linked from data.max_length
     assert model.backbone.embeddings.position_embeddings.num_embeddings == 2176
     assert model.backbone.config._attn_implementation == "topk"

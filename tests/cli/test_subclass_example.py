@@ -52,9 +52,10 @@ def test_the_readme_command_keeps_shared_arguments_and_gives_windows_without_the
     printed = yaml.safe_load(printed_text)
     init = printed["model"]["init_args"]
     assert printed["model"]["class_path"] == example_module
-    assert init["attention"] == "sdpa" and init["query_chunk_size"] == 128 and init["pos_weight"] == 3.0
+    assert init["attention"] == "sdpa" and init["query_chunk_size"] == 64 and init["pos_weight"] == 3.0
     assert "version_2_with_negative" not in init  # the recipe's QA-only arguments are dropped with the class
-    assert printed["data"]["init_args"]["max_length"] == 512  # needle documents are ~1,950 tokens: several windows
+    data = printed["data"]["init_args"]
+    assert data["max_length"] == 512 and data["needle_document_words"] == 1700  # ~2,000 tokens: several windows
     assert "#   model.max_positions: 512  (= data.max_length)" in printed_text
     callbacks = printed["trainer"]["callbacks"]  # replaced: no ModelCheckpoint watching val/f1 any more
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
