@@ -42,7 +42,7 @@ RECIPE = REPO / "recipes" / "qa.yaml"
 
 
 def train(attention: str, workdir: Path, extra: list[str]) -> tuple[Path, float, float]:
-    """``lightning fit --config recipes/qa.yaml`` in ``workdir``; returns (best checkpoint, wall s, peak RSS GB)."""
+    """``lightning fit --config recipes/qa.yaml`` in ``workdir``; returns (best checkpoint, wall s, peak RSS GiB)."""
     command = [sys.executable, "-m", "topk_lightning.cli", "fit", "--config", str(RECIPE),
                f"--model.attention={attention}", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"attention": attention}
         if args.ckpt is None:
             (workdir / attention).mkdir(parents=True, exist_ok=True)
-            checkpoint, row["fit_wall_s"], row["fit_peak_rss_gb"] = train(attention, workdir / attention,
+            checkpoint, row["fit_wall_s"], row["fit_peak_rss_gib"] = train(attention, workdir / attention,
                                                                           args.recipe_flags)
         else:
             checkpoint = args.ckpt
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for row in rows:
         wall = f"{row['fit_wall_s'] / 60:.1f} min" if "fit_wall_s" in row else "-"
-        rss = f"{row['fit_peak_rss_gb']:.2f} GB" if "fit_peak_rss_gb" in row else "-"
+        rss = f"{row['fit_peak_rss_gib']:.2f} GiB" if "fit_peak_rss_gib" in row else "-"
         control = f"{row['control_f1']:.1f}" if "control_f1" in row else "-"
         print(f"| {row['attention']} | {wall} | {rss} | {row['eval_em']:.1f} / {row['eval_f1']:.1f} | {control} | "
               f"{row['guess_f1']:.1f} |")
