@@ -14,8 +14,9 @@ kept checkpoint on:
   generator's records with the SQuAD F1; ``100 / facts`` since values share no word). The control runs for
   ``--control`` attentions (default: top-k, the shipped one).
 
-    python benchmarks/needle_qa.py                                   # both attentions, ~30 min on 2 CPU cores
+    python benchmarks/needle_qa.py                                   # both attentions, ~20 min on 2 CPU cores
     python benchmarks/needle_qa.py --attention topk --ckpt BEST.ckpt # score an existing checkpoint only
+    python benchmarks/needle_qa.py --attention sdpa --ckpt DENSE.ckpt --control --eval-topk 16 64  # zero-shot swap
     python benchmarks/needle_qa.py --json benchmarks/results/needle_qa.json
 
 Extra recipe flags go after ``--``: ``python benchmarks/needle_qa.py -- --trainer.max_steps=200``.
@@ -76,20 +77,36 @@ def guess_f1(data: dict) -> float:
     return 100 * sum(scores) / len(scores)
 
 
-def score(checkpoint: Path, files: dict[str, Path], datamodule_args: dict) -> dict[str, float]:
-    """val F1 / EM of the checkpoint on each file (the recipe's windows and decoding)."""
+def score(checkpoint: Path, files: dict[str, Path], datamodule_args: dict,
+          eval_topk: tuple[int, ...] = ()) -> dict[str, float]:
+    """val F1 / EM of the checkpoint on each file (the recipe's windows and decoding), then on the ``eval`` file with
+    top-k attention at each of ``eval_topk`` in place of the checkpoint's attention (no retraining)."""
+    import dataclasses
+
     import lightning.pytorch as pl
 
+    from topk_lightning import TopKConfig, apply_topk, remove_topk
     from topk_lightning.data import QADataModule
     from topk_lightning.modules import ExtractiveQAModule
 
     model = ExtractiveQAModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    out = {}
-    for name, path in files.items():
+
+    def validate(path: Path) -> dict[str, float]:
         data = QADataModule(validation_file=str(path), **datamodule_args)
         trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
         (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
+        return metrics
+
+    out = {}
+    for name, path in files.items():
+        metrics = validate(path)
         out[f"{name}_f1"], out[f"{name}_em"] = metrics["val/f1"], metrics["val/em"]
+    base = dataclasses.replace(model.topk_config, topk=64) if model.topk_config.topk is None else model.topk_config
+    for k in eval_topk:
+        remove_topk(model.backbone)
+        apply_topk(model.backbone, dataclasses.replace(base, topk=k))
+        metrics = validate(files["eval"])
+        out[f"eval_topk{k}_f1"], out[f"eval_topk{k}_em"] = metrics["val/f1"], metrics["val/em"]
     return out
 
 
@@ -103,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                              "128 questions is 3.1 points)")
     parser.add_argument("--control", nargs="*", default=["topk"], help="attentions whose checkpoint also gets the "
                         "question-swap control (each costs another pass over the documents)")
+    parser.add_argument("--eval-topk", type=int, nargs="*", default=[], metavar="K",
+                        help="also score each checkpoint on the eval documents with top-k attention at these k, "
+                        "without retraining (for the dense model: the zero-shot swap)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the runs write outputs/qa (default: temp)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("recipe_flags", nargs="*", help="after --: extra flags for lightning fit")
@@ -117,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for attention in args.attention:
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"needle-qa-{attention}-"))
+        workdir.mkdir(parents=True, exist_ok=True)
         row = {"attention": attention}
         if args.ckpt is None:
             (workdir / attention).mkdir(parents=True, exist_ok=True)
@@ -140,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "pad_to_multiple_of", "tokenizer")}
         datamodule_args.update(eval_batch_size=hparams["eval_batch_size"], batch_size=1,
                                cache_dir=str(workdir / "cache"))
-        row.update(score(checkpoint, files, datamodule_args))
+        row.update(score(checkpoint, files, datamodule_args, tuple(args.eval_topk)))
         row.update(guess_f1=guess_f1(data), questions=args.eval_examples, facts=hparams["needle_distractors"] + 1,
                    checkpoint=str(checkpoint))
         rows.append(row)

@@ -72,13 +72,20 @@ def test_needle_qa_benchmark_at_tiny_size(tmp_path, tiny_bert):
                     "--data.needle_document_words=10", "--data.needle_eval_document_words=30", "--data.max_length=128",
                     "--data.doc_stride=32", "--model.query_chunk_size=32", "--model.ff_chunk_size=32"]
     out = _run("needle_qa.py", "--attention", "topk", "--eval-examples", "12", "--workdir", str(tmp_path / "runs"),
-               "--json", str(tmp_path / "needle.json"), "--", *recipe_flags, cwd=tmp_path)
+               "--eval-topk", "2", "64", "--json", str(tmp_path / "needle.json"), "--", *recipe_flags, cwd=tmp_path)
     (row,) = json.loads((tmp_path / "needle.json").read_text())["rows"]
     assert row["attention"] == "topk" and row["questions"] == 12 and row["fit_wall_s"] > 0
-    assert {"eval_f1", "eval_em", "control_f1", "control_em"} <= set(row)
+    assert {"eval_f1", "eval_em", "control_f1", "control_em", "eval_topk2_f1", "eval_topk64_f1"} <= set(row)
+    # k=64 is the setting the checkpoint was trained and scored with: re-applying it changes nothing
+    assert row["eval_topk64_f1"] == pytest.approx(row["eval_f1"])
     assert all(0 <= row[key] <= 100 for key in ("eval_f1", "control_f1"))
     assert row["guess_f1"] == pytest.approx(100 / row["facts"])  # values share no word: 1 in `facts`
     assert "| topk |" in out
+    # scoring a kept checkpoint again, in a work folder that does not exist yet, gives the same figures
+    _run("needle_qa.py", "--attention", "topk", "--ckpt", row["checkpoint"], "--eval-examples", "12", "--control",
+         "--workdir", str(tmp_path / "new" / "folder"), "--json", str(tmp_path / "again.json"), cwd=tmp_path)
+    (again,) = json.loads((tmp_path / "again.json").read_text())["rows"]
+    assert again["eval_f1"] == pytest.approx(row["eval_f1"]) and "control_f1" not in again
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="times Triton kernels with CUDA events")
