@@ -30,13 +30,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from process_memory import reset_peak, rss_kib  # benchmarks/ is on sys.path when run as a script
+from process_memory import reset_peak, rss_kib, run_child  # benchmarks/ is on sys.path when run as a script
 
 ATTENTION = ("eager", "sdpa", "topk", "topk_torch", "topk_triton")
 FEED_FORWARD = ("ff_plain", "ff_chunked", "ff_topk")
@@ -181,27 +179,10 @@ def measure_cuda(make_step, repeats: int, max_seconds: float) -> dict:
             "inputs_mb": (baseline - before_inputs) / 2**20}
 
 
-def _run_child(kind: str, impl: str, length: int, argv: list[str], timeout: float) -> dict | None:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        out_path = handle.name
-    cmd = [sys.executable, __file__, *argv, "--child", kind, impl, str(length), out_path]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            print(f"  {kind} {impl} L={length} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-            return None
-        return json.loads(Path(out_path).read_text())
-    except subprocess.TimeoutExpired:
-        print(f"  {kind} {impl} L={length} timed out after {timeout:.0f} s", file=sys.stderr)
-        return None
-    finally:
-        Path(out_path).unlink(missing_ok=True)
-
-
 def _measure(kind: str, impl: str, length: int, args: argparse.Namespace, passthrough: list[str]) -> dict | None:
     make = (lambda: encoder_step(impl, length, args)) if kind == "encoder" else (lambda: layer_step(impl, length, args))
     if args.device == "cpu":
-        row = _run_child(kind, impl, length, passthrough, args.timeout)
+        row = run_child(__file__, passthrough, [kind, impl, str(length)], f"{kind} {impl} L={length}", args.timeout)
     else:
         import torch
 

@@ -31,13 +31,11 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from process_memory import reset_peak, rss_kib  # benchmarks/ is on sys.path when run as a script
+from process_memory import reset_peak, rss_kib, run_child  # benchmarks/ is on sys.path when run as a script
 
 IMPLS = ("eager", "sdpa", "topk")
 BUDGET_MB = 16 * 1024
@@ -89,23 +87,6 @@ def measure(impl: str, length: int, args: argparse.Namespace) -> dict:
         "L": length, "impl": impl, "seconds": statistics.median(times), "peak_mb": (peak - baseline) / 1024,
         "process_peak_mb": peak / 1024, "times": times,
     }
-
-
-def _run_child(impl: str, length: int, argv: list[str], timeout: float) -> dict | None:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        out_path = handle.name
-    cmd = [sys.executable, __file__, *argv, "--child", impl, str(length), out_path]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            print(f"  {impl} L={length} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
-            return None
-        return json.loads(Path(out_path).read_text())
-    except subprocess.TimeoutExpired:
-        print(f"  {impl} L={length} timed out after {timeout:.0f} s", file=sys.stderr)
-        return None
-    finally:
-        Path(out_path).unlink(missing_ok=True)
 
 
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -188,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         for impl in args.impls:
             if impl != "topk" and length > args.dense_max:
                 continue
-            row = _run_child(impl, length, passthrough, args.timeout)
+            row = run_child(__file__, passthrough, [impl, str(length)], f"{impl} L={length}", args.timeout)
             if row is not None:
                 rows.append(row)
                 print(f"  L={length:>6} {impl:<6} {row['peak_mb']:8.0f} MB added {row['process_peak_mb']:8.0f} MB "
