@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -32,3 +33,26 @@ def tiny_bert(tmp_path_factory):
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+class LargestStorageSpy(TorchDispatchMode):
+    """Within ``with``: the bytes of the largest storage behind any dense tensor an operator returns (views share
+    their base's storage; a sparse pattern's logical size is not memory). Tests use it to show that no L x L tensor
+    is ever built."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+                self.largest = max(self.largest, tensor.untyped_storage().nbytes())
+        return out
+
+
+@pytest.fixture
+def largest_storage():
+    """`LargestStorageSpy`, to use as ``with largest_storage() as spy: ...; spy.largest``."""
+    return LargestStorageSpy

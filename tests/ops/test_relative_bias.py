@@ -6,7 +6,6 @@ References: ``T5Attention._relative_position_bucket`` / ``compute_bias`` (the bi
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import T5Config
 from transformers.models.t5.modeling_t5 import T5Attention, eager_attention_forward
 
@@ -129,28 +128,12 @@ def test_position_bias_adds_to_an_additive_bias():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the bytes of the largest storage behind any dense tensor an operator returns (views share their
-    base's storage; a sparse pattern's logical size is not memory)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
-                self.largest = max(self.largest, tensor.untyped_storage().nbytes())
-        return out
-
-
-def test_no_operator_builds_a_length_squared_tensor_in_forward_or_backward():
+def test_no_operator_builds_a_length_squared_tensor_in_forward_or_backward(largest_storage):
     length, heads, chunk, topk = 512, 2, 16, 8
     weight = torch.randn(32, heads, requires_grad=True)
     lazy = RelativePositionBias(weight=weight, bidirectional=True, num_buckets=32, max_distance=128)
     q, k, v = (torch.randn(1, heads, length, 4, requires_grad=True) for _ in range(3))
-    with _LargestTensor() as spy:
+    with largest_storage() as spy:
         out = topk_attention(q, k, v, topk=topk, query_chunk_size=chunk, position_bias=lazy)
         out.sum().backward()
     # Largest: one fp32 score tile (heads x chunk x L) or the int64 kept indices (heads x L x k); the bias table

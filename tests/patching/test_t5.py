@@ -12,7 +12,6 @@ import copy
 import pytest
 import torch
 import transformers
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -135,28 +134,13 @@ def test_small_topk_equals_dense_topk_of_eager_scores(model_type, dense_topk_imp
     _assert_same_function(model, reference, _batch(model_class))
 
 
-class _LargestStorage(TorchDispatchMode):
-    """Bytes of the largest storage behind any dense tensor an operator returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
-                self.largest = max(self.largest, tensor.untyped_storage().nbytes())
-        return out
-
-
-def _largest_storage(model, batch) -> int:
-    with _LargestStorage() as spy:
+def _largest_storage(spy_class, model, batch) -> int:
+    with spy_class() as spy:
         _output(model, batch).sum().backward()
     return spy.largest
 
 
-def test_position_bias_is_never_materialised():
+def test_position_bias_is_never_materialised(largest_storage):
     """Encoder length 512, decoder 256, 4 heads, fp32: the encoder's bias table alone would be 4 MiB, the
     cross-attention zeros 2 MiB; with top-k no operator returns a tensor of even 1/8 of the table."""
     enc_len, dec_len, heads = 512, 256, 4
@@ -166,9 +150,9 @@ def test_position_bias_is_never_materialised():
     batch = {"input_ids": torch.randint(2, 100, (1, enc_len), generator=gen),
              "decoder_input_ids": torch.randint(2, 100, (1, dec_len), generator=gen)}
     table_bytes = heads * enc_len * enc_len * 4
-    assert _largest_storage(eager, batch) >= table_bytes  # the spy sees the table when it exists
+    assert _largest_storage(largest_storage, eager, batch) >= table_bytes  # the spy sees the table when it exists
     model = apply_topk(eager, TopKConfig(topk=16, query_chunk_size=32, ff_chunk_size=64))
-    assert _largest_storage(model, batch) <= table_bytes // 8
+    assert _largest_storage(largest_storage, model, batch) <= table_bytes // 8
 
 
 def test_the_bias_reaches_attention_as_a_description(monkeypatch):
