@@ -122,3 +122,30 @@ def test_recipe_matches_benchmark_settings(task):
     assert (data["text_column"], data["text_pair_column"], data["label_column"]) == ("question", "passage", "label")
     assert data["group_by_length"] is True
     assert trainer["max_epochs"] == setting["epochs"] and trainer["gradient_clip_val"] == setting["gradient_clip_val"]
+
+
+def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
+    """A 1-epoch CPU run and a 3-epoch GPU-plan run of the same sizes are different rows, each Δ against its own
+    SDPA; seeds of one setting are averaged (mean and sample spread computed by hand here)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    common = {"task": "boolq", "mode": "finetune", "metric": "accuracy", "n_train": 100, "n_eval": 50,
+              "max_length": 320, "device": "cpu", "majority": 62.2}
+    records = [
+        {**common, "attention": "sdpa", "topk": None, "seed": 0, "epochs": 1, "value": 66.0},
+        {**common, "attention": "sdpa", "topk": None, "seed": 1, "epochs": 1, "value": 68.0},
+        {**common, "attention": "topk", "topk": 32, "seed": 0, "epochs": 1, "value": 64.0},
+        {**common, "attention": "topk", "topk": 32, "seed": 1, "epochs": 1, "value": 65.0},
+        {**common, "attention": "sdpa", "topk": None, "seed": 0, "epochs": 3, "value": 70.0},
+        {**common, "attention": "topk", "topk": 32, "seed": 0, "epochs": 3, "value": 69.5},
+    ]
+    path = tmp_path / "acc.json"
+    path.write_text(json.dumps(records))
+    out = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(path)], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| boolq")]
+    table = {(r[3], r[4]): (r[6], r[7], r[8]) for r in rows}  # (epochs, attention) -> (seeds, accuracy, delta)
+    assert table == {("1", "sdpa"): ("0,1", "67.0 ± 1.4", "-"), ("1", "top-k k=32"): ("0,1", "64.5 ± 0.7", "-2.5"),
+                     ("3", "sdpa"): ("0", "70.0", "-"), ("3", "top-k k=32"): ("0", "69.5", "-0.5")}
+    assert (tmp_path / "acc.md").read_text().count("| boolq") == 4
