@@ -316,7 +316,8 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                  "device", "epochs"), key)),
                      "seeds": sorted(r["seed"] for r in group), "mean": statistics.fmean(values),
                      "sd": statistics.stdev(values) if len(values) > 1 else None,
-                     "min": min(values), "max": max(values), "majority": group[0].get("majority")})
+                     "min": min(values), "max": max(values), "majority": group[0].get("majority"),
+                     "by_seed": {r["seed"]: r["value"] for r in group}})
     order = {"sdpa": 0, "topk": 1}
     rows.sort(key=lambda r: (r["device"], r["task"], r["n_train"] or 0, r["epochs"] or 0, r["mode"] != "finetune",
                              order[r["attention"]], -(r["topk"] or 0), r["metric"]))
@@ -325,13 +326,14 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(records: list[dict[str, Any]]) -> str:
     rows = summarise(records)
+
     def key_of(r):
         return r["task"], r["mode"], r["attention"], r["topk"], r["n_train"], r["n_eval"], r["device"], r["epochs"]
 
     acc = {key_of(r): r for r in rows if r["metric"] == "accuracy"}
     f1 = {key_of(r): r for r in rows if r["metric"] == "macro_f1"}
     lines = ["| task | device | n_train / n_eval | epochs | attention | mode | seeds | accuracy % (mean ± sd) | "
-             "Δ vs SDPA | macro-F1 % | majority % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Δ vs SDPA (same seeds) | macro-F1 % | majority % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(row):
         if row is None:
@@ -342,7 +344,10 @@ def markdown(records: list[dict[str, Any]]) -> str:
     for key, row in acc.items():
         task, mode, attention, topk, n_train, n_eval, device, epochs = key
         base = acc.get((task, "finetune", "sdpa", None, n_train, n_eval, device, epochs))
-        delta = "-" if base is None or attention == "sdpa" else f"{row['mean'] - base['mean']:+.1f}"
+        # Paired by seed: each seed's run against the SDPA run of the same seed (zero-shot: the very same model).
+        paired = [value - base["by_seed"][seed] for seed, value in row["by_seed"].items()
+                  if base is not None and seed in base["by_seed"]]
+        delta = "-" if not paired or attention == "sdpa" else f"{statistics.fmean(paired):+.1f}"
         name = "sdpa" if attention == "sdpa" else f"top-k k={topk}"
         mode_name = "fine-tuned" if mode == "finetune" else "zero-shot swap"
         majority = "-" if row["majority"] is None else f"{row['majority']:.1f}"

@@ -126,7 +126,7 @@ def test_recipe_matches_benchmark_settings(task):
 
 def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
     """A 1-epoch CPU run and a 3-epoch GPU-plan run of the same sizes are different rows, each Δ against its own
-    SDPA; seeds of one setting are averaged (mean and sample spread computed by hand here)."""
+    SDPA, paired by seed; seeds of one setting are averaged (mean and sample spread computed by hand here)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     common = {"task": "boolq", "mode": "finetune", "metric": "accuracy", "n_train": 100, "n_eval": 50,
               "max_length": 320, "device": "cpu", "majority": 62.2}
@@ -135,6 +135,7 @@ def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
         {**common, "attention": "sdpa", "topk": None, "seed": 1, "epochs": 1, "value": 68.0},
         {**common, "attention": "topk", "topk": 32, "seed": 0, "epochs": 1, "value": 64.0},
         {**common, "attention": "topk", "topk": 32, "seed": 1, "epochs": 1, "value": 65.0},
+        {**common, "attention": "topk", "topk": 64, "seed": 0, "epochs": 1, "value": 65.0},  # seed 0 only
         {**common, "attention": "sdpa", "topk": None, "seed": 0, "epochs": 3, "value": 70.0},
         {**common, "attention": "topk", "topk": 32, "seed": 0, "epochs": 3, "value": 69.5},
     ]
@@ -146,6 +147,8 @@ def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
             if line.startswith("| boolq")]
     table = {(r[3], r[4]): (r[6], r[7], r[8]) for r in rows}  # (epochs, attention) -> (seeds, accuracy, delta)
+    # k=64 ran seed 0 only: Δ against seed 0's SDPA (66.0), not the mean over both SDPA seeds (67.0).
     assert table == {("1", "sdpa"): ("0,1", "67.0 ± 1.4", "-"), ("1", "top-k k=32"): ("0,1", "64.5 ± 0.7", "-2.5"),
+                     ("1", "top-k k=64"): ("0", "65.0", "-1.0"),
                      ("3", "sdpa"): ("0", "70.0", "-"), ("3", "top-k k=32"): ("0", "69.5", "-0.5")}
-    assert (tmp_path / "acc.md").read_text().count("| boolq") == 4
+    assert (tmp_path / "acc.md").read_text().count("| boolq") == 5
