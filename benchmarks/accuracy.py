@@ -15,7 +15,7 @@ rewritten atomically after every run, a markdown table beside it (``.md``: mean 
 settings are skipped, so an interrupted command resumes where it stopped.
 
     python benchmarks/accuracy.py --smoke --out /tmp/smoke.json     # every path on a few examples (< 3 min, CPU)
-    python benchmarks/accuracy.py                                   # the CPU plan (BoolQ, 1 epoch, 2 seeds; PLANS) 
+    python benchmarks/accuracy.py                                   # the CPU plan (BoolQ, 1 epoch, 2 seeds; PLANS)
     python benchmarks/accuracy.py --plan gpu --device cuda --time-budget 400 \\
         --model-dir .gpu/minilm-fp16 --data-dir .gpu/boolq          # the full sets, one GPU
     python benchmarks/accuracy.py --export-fp16 .gpu/minilm-fp16    # the model with fp16-stored weights (45 MB)
@@ -360,6 +360,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     """Accuracy against k per task (fine-tuned top-k, zero-shot swap; SDPA and majority as lines). False when
     matplotlib is missing."""
     rows = [r for r in summarise(records) if r["metric"] == "accuracy"]
+
     def panel_of(r):
         return r["task"], r["device"], r["n_train"] or 0, r["n_eval"] or 0, r["epochs"] or 0
 
