@@ -102,7 +102,7 @@ class Plan:
 
 PLANS = {
     # 2 CPU cores: BoolQ in full for one epoch (measured: ~15 min of training per SDPA run, ~2 min per dev pass),
-    # the targets' runs of both seeds first. Long-input BoolQ (~15x the cost per example) only when asked for
+    # the targets' runs of both seeds first. Long-input BoolQ (~15x the tokens per example) only when asked for
     # (--tasks boolq_long), on a subset.
     "cpu": Plan(seeds=(0, 1), sizes={"boolq": (None, None), "boolq_long": (160, 160)}, tasks=("boolq",),
                 overrides={"boolq": dict(epochs=1)}),
