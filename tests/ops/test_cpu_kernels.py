@@ -110,23 +110,25 @@ def test_compiled_forward_runs_and_agrees_with_the_tiled_steps(monkeypatch, caus
     calls = []
     original = cpu_kernels.attention_forward
 
-    def spy(*args):
-        calls.append(original(*args))
+    def spy(*args, **kwargs):
+        calls.append(original(*args, **kwargs))
         return calls[-1]
 
     monkeypatch.setattr(cpu_kernels, "attention_forward", spy)
     compiled = topk_attention(q, k, v, topk=32, key_padding_mask=mask, causal=causal)
     assert len(calls) == 1 and calls[0] is not None
-    monkeypatch.setattr(cpu_kernels, "attention_forward", lambda *args: None)
+    monkeypatch.setattr(cpu_kernels, "attention_forward", lambda *args, **kwargs: None)
     tiled = topk_attention(q, k, v, topk=32, key_padding_mask=mask, causal=causal)
     torch.testing.assert_close(compiled, tiled, atol=1e-6, rtol=0)
 
 
-def test_the_compiled_forward_leaves_bias_and_dropout_to_the_tiled_steps(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "attention_forward", lambda *args: pytest.fail("compiled forward used"))
+def test_the_compiled_forward_leaves_an_additive_bias_to_the_tiled_steps(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "attention_forward", lambda *a, **kw: pytest.fail("compiled forward used"))
     q, k, v = (t.float() for t in _inputs())
-    topk_attention(q, k, v, topk=8, bias=torch.randn(1, 4, 37, 300))
-    topk_attention(q, k, v, topk=8, dropout_p=0.1)
+    bias = torch.randn(1, 4, 37, 300)
+    out = topk_attention(q, k, v, topk=8, bias=bias)
+    ref = dense_attention(*_inputs(), topk=8, bias=bias.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
 
 
 def test_without_a_compiler_it_warns_once_and_falls_back(monkeypatch, tmp_path):
@@ -159,3 +161,58 @@ def test_the_cached_library_is_reused(monkeypatch, tmp_path):
     assert len(built) == 1 and built[0].suffix == ".so"  # no partial file left behind
     monkeypatch.setattr(cpu_kernels.subprocess, "run", lambda *a, **kw: pytest.fail("compiled again"))
     cpu_kernels.build_library()
+
+
+def test_evaluation_saves_nothing_for_a_backward(monkeypatch):
+    q, k, v = (t.float().requires_grad_() for t in _inputs())
+    saved = []
+    original = cpu_kernels.attention_forward
+
+    def spy(*args, save_for_backward, **kwargs):
+        result = original(*args, save_for_backward=save_for_backward, **kwargs)
+        saved.append((save_for_backward, result[1]))
+        return result
+
+    monkeypatch.setattr(cpu_kernels, "attention_forward", spy)
+    with torch.no_grad():
+        evaluated = topk_attention(q, k, v, topk=24)
+    trained = topk_attention(q, k, v, topk=24)
+    assert [flag for flag, _ in saved] == [False, True]
+    assert saved[0][1] is None and saved[1][1].shape == (2, 4, 37, 24)
+    torch.testing.assert_close(evaluated, trained.detach(), atol=0, rtol=0)
+
+
+def test_dropout_in_the_compiled_forward_matches_a_dense_reference_with_the_same_mask(monkeypatch):
+    q, k, v = _inputs(q_len=21, k_len=90)
+    captured = {}
+    original = cpu_kernels.attention_forward
+
+    def spy(*args, **kwargs):
+        captured["result"] = original(*args, **kwargs)
+        captured["dropped"] = kwargs["dropped"]
+        return captured["result"]
+
+    monkeypatch.setattr(cpu_kernels, "attention_forward", spy)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(0)
+    out = topk_attention(*leaves, topk=10, dropout_p=0.3)
+    _, kept_index, _ = captured["result"]
+    dropped = captured["dropped"]
+    assert dropped is not None and 0 < dropped.float().mean() < 0.6
+
+    # The reference: dense fp64 top-10 probabilities, the dropped (query, key) entries zeroed, the rest / (1 - p).
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    qr, kr, vr = ref_leaves
+    kr, vr = kr.repeat_interleave(2, 1), vr.repeat_interleave(2, 1)
+    scores = qr @ kr.transpose(-1, -2) / 16**0.5
+    kth = scores.topk(10, dim=-1).values[..., -1:]
+    probs = torch.softmax(scores.masked_fill(scores < kth, float("-inf")), dim=-1)
+    drop_dense = torch.zeros(probs.shape, dtype=torch.bool).scatter_(-1, kept_index.long(), dropped)
+    ref = (probs * ~drop_dense / 0.7) @ vr
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = torch.autograd.grad(ref, ref_leaves, grad)
+    got = torch.autograd.grad(out, leaves, grad.float())
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=0)

@@ -277,9 +277,12 @@ static int scratch_alloc(row_scratch *s, int64_t n, int64_t k, int64_t groups) {
 
 static void scratch_free(row_scratch *s) { free(s->values); free(s->indices); }
 
-/* value_rows: this head's Lk x dim value rows. Returns 1 if the scores hold a NaN. */
+/* value_rows: this head's Lk x dim value rows. dropped (k flags) is NULL without dropout; otherwise the output sums
+ * p_j * keep_scale over the entries not dropped (prob_out keeps p_j). index_out / prob_out may be NULL (nothing saved
+ * for a backward). Returns 1 if the scores hold a NaN. */
 static int attend_row(const float *scores, int64_t n, int64_t k, int64_t groups, const float *value_rows,
-                      int64_t dim, row_scratch *s, float *out, int32_t *index_out, float *prob_out) {
+                      int64_t dim, const uint8_t *dropped, float keep_scale, row_scratch *s, float *out,
+                      int32_t *index_out, float *prob_out) {
     if (select_row_f32(scores, n, k, groups, s->kept_val, s->kept_idx, s->values, s->indices)) return 1;
     float top = -INFINITY, total = 0.0f;
     for (int64_t j = 0; j < k; j++) top = s->kept_val[j] > top ? s->kept_val[j] : top;
@@ -292,26 +295,30 @@ static int attend_row(const float *scores, int64_t n, int64_t k, int64_t groups,
     for (int64_t d = 0; d < dim; d++) out[d] = 0.0f;
     for (int64_t j = 0; j < k; j++) {
         float p = s->weight[j] * inverse;
-        index_out[j] = (int32_t)s->kept_idx[j];
-        prob_out[j] = p;
+        if (index_out) {
+            index_out[j] = (int32_t)s->kept_idx[j];
+            prob_out[j] = p;
+        }
         const float *value_row = value_rows + s->kept_idx[j] * dim;
-        for (int64_t d = 0; d < dim; d++) out[d] += p * value_row[d];
+        float w = dropped ? (dropped[j] ? 0.0f : p * keep_scale) : p;
+        for (int64_t d = 0; d < dim; d++) out[d] += w * value_row[d];
     }
     return 0;
 }
 
 /* Queries and outputs are (BH, Lq, dim), kept_index / kept_prob (BH, Lq, k), values (B * Hkv, Lk, dim), keys
  * transposed and padded: (B * Hkv, dim, lk_padded) with lk_padded a multiple of KEY_BLOCK. key_bias (B, Lk) is
- * added to every score when given (0 or -inf for padding); causal masks key j > i + (Lk - Lq). Work is split by
+ * added to every score when given (0 or -inf for padding); causal masks key j > i + (Lk - Lq). dropped (BH, Lq, k)
+ * flags the kept entries that dropout removes (NULL without dropout). Work is split by
  * blocks of ROW_BLOCK query rows of one head: their scores (ROW_BLOCK x Lk) are computed into a buffer that stays
- * in cache, then attended row by row. */
+ * in cache, then attended row by row. kept_index / kept_prob may be NULL when no backward will read them. */
 #define ROW_BLOCK 4
 #define KEY_BLOCK 32
 
 typedef struct {
-    const float *query, *key_t, *value, *key_bias;
+    const float *query, *key_t, *value, *key_bias; const uint8_t *dropped;
     int64_t heads, kv_heads, q_len, k_len, lk_padded, dim, k, groups, causal;
-    float scale;
+    float scale, keep_scale;
     float *out; int32_t *kept_index; float *kept_prob;
     int64_t first, last; int status;
 } forward_job;
@@ -365,8 +372,10 @@ static void *run_forward_job(void *arg) {
                 for (int64_t j = last_key + 1 < 0 ? 0 : last_key + 1; j < n; j++) row[j] = -INFINITY;
             }
             int64_t at = bh * job->q_len + row0 + r;
-            job->status = attend_row(row, n, k, job->groups, job->value + kv * n * dim, dim, &scratch,
-                                     job->out + at * dim, job->kept_index + at * k, job->kept_prob + at * k);
+            job->status = attend_row(row, n, k, job->groups, job->value + kv * n * dim, dim,
+                                     job->dropped ? job->dropped + at * k : NULL, job->keep_scale, &scratch,
+                                     job->out + at * dim, job->kept_index ? job->kept_index + at * k : NULL,
+                                     job->kept_prob ? job->kept_prob + at * k : NULL);
         }
     }
     free(scores);
@@ -377,15 +386,16 @@ static void *run_forward_job(void *arg) {
 
 /* Returns 0 on success, 1 if a score is NaN, 2 if memory ran out. */
 int topk_forward_f32(const float *query, const float *key_t, const float *value, const float *key_bias,
-                     int64_t batch, int64_t heads, int64_t kv_heads, int64_t q_len, int64_t k_len,
-                     int64_t lk_padded, int64_t dim, int64_t k, int64_t groups, int64_t causal, double scale,
-                     int64_t threads, float *out, int32_t *kept_index, float *kept_prob) {
+                     const uint8_t *dropped, double keep_scale, int64_t batch, int64_t heads, int64_t kv_heads,
+                     int64_t q_len, int64_t k_len, int64_t lk_padded, int64_t dim, int64_t k, int64_t groups,
+                     int64_t causal, double scale, int64_t threads, float *out, int32_t *kept_index,
+                     float *kept_prob) {
     int64_t units = batch * heads * ((q_len + ROW_BLOCK - 1) / ROW_BLOCK);
     threads = thread_count(threads, units);
     forward_job jobs[MAX_THREADS];
     for (int64_t t = 0; t < threads; t++) {
-        jobs[t] = (forward_job){query, key_t, value, key_bias, heads, kv_heads, q_len, k_len, lk_padded, dim, k,
-                                groups, causal, (float)scale, out, kept_index, kept_prob,
+        jobs[t] = (forward_job){query, key_t, value, key_bias, dropped, heads, kv_heads, q_len, k_len, lk_padded,
+                                dim, k, groups, causal, (float)scale, (float)keep_scale, out, kept_index, kept_prob,
                                 units * t / threads, units * (t + 1) / threads, 0};
     }
     run_threads(run_forward_job, (char *)jobs, sizeof(jobs[0]), threads);

@@ -7,7 +7,7 @@ SDPA's 98 ms. The C forward computes the scores of four query rows at a time int
 selects each row's top k there, and finishes the row (softmax, weighted sum of value rows) before moving on:
 138 ms for the same layer (see the README's CPU section for how it was measured).
 
-- `attention_forward`: the whole forward for fp32 without an additive bias or dropout; it also writes the kept
+- `attention_forward`: the whole forward for fp32 without an additive bias; it also writes the kept
   indices and probabilities that the PyTorch backward reads.
 - `topk_rows`: the selection alone (fp32 and fp64), which the PyTorch path uses for everything else (a bias, a T5
   relative bias, dropout in training, top-k feed-forward layers).
@@ -102,20 +102,26 @@ def attention_forward(
     scale: float,
     causal: bool,
     key_padding_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    save_for_backward: bool = True,
+    dropped: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """A whole top-k attention forward in compiled code: fp32 CPU tensors, shapes as `topk_attention`.
 
     Scores are computed four query rows at a time into a buffer that stays in cache (never as a tile in memory),
     then each row keeps its top k, takes their softmax and sums the kept value rows. A key padding mask and
-    ``causal`` are applied as in `topk_attention`; a row with nothing to attend gets zeros. Returns (out (B, H, Lq,
-    D) contiguous, kept_index int32 and kept_prob fp32, both (B, H, Lq, k)), or None where it does not apply (the
-    caller then runs the PyTorch steps).
+    ``causal`` are applied as in `topk_attention`; a row with nothing to attend gets zeros. With dropout,
+    ``dropped`` (B, H, Lq, k) bool flags the kept entries it removes; the others are scaled by 1 / (1 - dropout_p)
+    in the output (kept_prob holds the probabilities before dropout, as the backward expects). Returns (out (B, H, Lq,
+    D) contiguous, kept_index int32 and kept_prob fp32, both (B, H, Lq, k), or None and None without
+    ``save_for_backward``), or None where it does not apply (the caller then runs the PyTorch steps).
     """
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     if not (
         query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
         and 0 < k < k_len < 2**31 and q_len > 0 and batch * heads > 0
+        and (dropped is None or (dropped.dtype == torch.bool and dropped.shape == (batch, heads, q_len, k)))
     ):
         return None
     library = _load()
@@ -130,13 +136,16 @@ def attention_forward(
     if key_padding_mask is not None and not bool(key_padding_mask.all()):
         key_bias = torch.zeros(batch, k_len).masked_fill_(~key_padding_mask, float("-inf"))
     out = torch.empty(batch, heads, q_len, dim)
-    kept_index = torch.empty(batch, heads, q_len, k, dtype=torch.int32)
-    kept_prob = torch.empty(batch, heads, q_len, k)
+    kept_index = torch.empty(batch, heads, q_len, k, dtype=torch.int32) if save_for_backward else None
+    kept_prob = torch.empty(batch, heads, q_len, k) if save_for_backward else None
     threads = max(1, min(torch.get_num_threads(), query.numel() * k_len // (dim * _SCORES_PER_THREAD)))
+    if dropped is not None:
+        dropped = dropped.contiguous()
     status = library.topk_forward_f32(
         query.data_ptr(), key_t.data_ptr(), value.data_ptr(), 0 if key_bias is None else key_bias.data_ptr(),
-        batch, heads, kv_heads, q_len, k_len, padded, dim, k, _groups(k_len, k), int(causal), float(scale), threads,
-        out.data_ptr(), kept_index.data_ptr(), kept_prob.data_ptr(),
+        0 if dropped is None else dropped.data_ptr(), 1.0 / (1.0 - dropout_p), batch, heads, kv_heads, q_len, k_len,
+        padded, dim, k, _groups(k_len, k), int(causal), float(scale), threads,
+        out.data_ptr(), *(0 if kept is None else kept.data_ptr() for kept in (kept_index, kept_prob)),
     )
     return (out, kept_index, kept_prob) if status == 0 else None
 
@@ -192,7 +201,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p]
     library.topk_forward_f32.restype = ctypes.c_int
     library.topk_forward_f32.argtypes = (
-        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 10 + [ctypes.c_double, ctypes.c_int64] + [ctypes.c_void_p] * 3
+        [ctypes.c_void_p] * 5 + [ctypes.c_double] + [ctypes.c_int64] * 10 + [ctypes.c_double, ctypes.c_int64]
+        + [ctypes.c_void_p] * 3
     )
     return library
 

@@ -96,9 +96,12 @@ def _dispatch(query, key, value, bias, key_padding_mask, topk, query_chunk_size,
 
         return TritonTopKAttention.apply(query, key, value, key_padding_mask, topk, scale, dropout_p, causal)
     relative_weight = None if position_bias is None else position_bias.weight
+    backward_follows = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, bias, relative_weight)
+    )
     return TorchTopKAttention.apply(
         query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal, relative_weight,
-        position_bias,
+        position_bias, backward_follows,
     )
 
 

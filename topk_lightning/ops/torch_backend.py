@@ -105,12 +105,13 @@ class TorchTopKAttention(torch.autograd.Function):
     """Autograd function of the PyTorch backend; arguments as `topk_attention`, already checked.
 
     A relative ``position_bias`` comes as its `RelativePositionBias` plus, as ``relative_weight``, its embedding
-    (so that autograd sees the tensor it differentiates).
+    (so that autograd sees the tensor it differentiates). ``backward_follows=False`` (evaluation: no gradient will be
+    asked for) lets the forward skip what only the backward reads, where it can.
     """
 
     @staticmethod
     def forward(ctx, query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal,
-                relative_weight=None, position_bias=None):
+                relative_weight=None, position_bias=None, backward_follows=True):
         batch, heads, q_len, head_dim = query.shape
         kv_heads, k_len = key.shape[1], key.shape[2]
         group = heads // kv_heads
@@ -119,13 +120,22 @@ class TorchTopKAttention(torch.autograd.Function):
         ctx.config = (scale, dropout_p)
         ctx.position_bias = position_bias
 
-        # On a CPU, the whole forward in compiled code where it applies (fp32; no bias, no dropout): scores never
-        # leave the cache (`cpu_kernels.attention_forward`).
-        if bias is None and position_bias is None and dropout_p == 0 and query.device.type == "cpu":
-            compiled = cpu_kernels.attention_forward(query, key, value, k, scale, causal, key_padding_mask)
+        # On a CPU, the whole forward in compiled code where it applies (fp32, no additive bias): scores never leave
+        # the cache (`cpu_kernels.attention_forward`).
+        if (
+            bias is None and position_bias is None and query.device.type == "cpu" and query.dtype == torch.float32
+            and k < k_len and cpu_kernels.available()
+        ):
+            dropped = None
+            if dropout_p > 0:
+                dropped = torch.rand(batch, heads, q_len, k, device=query.device) < dropout_p
+            compiled = cpu_kernels.attention_forward(
+                query, key, value, k, scale, causal, key_padding_mask, save_for_backward=backward_follows,
+                dropped=dropped, dropout_p=dropout_p,
+            )
             if compiled is not None:
                 out, kept_index, kept_prob = compiled
-                ctx.save_for_backward(query, key, value, kept_index, kept_prob, None, bias)
+                ctx.save_for_backward(query, key, value, kept_index, kept_prob, dropped, bias)
                 return out
 
         out = torch.empty_like(query)
@@ -273,7 +283,7 @@ class TorchTopKAttention(torch.autograd.Function):
         if need_relative:
             buckets = ctx.position_bias.distance_buckets(q_len, k_len)  # O(L): recomputed rather than saved
             grad_relative = embedding_grad(ctx.position_bias, buckets, grad_by_distance.view(heads, -1))
-        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, None, grad_relative, None
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, None, grad_relative, None, None
 
 
 def _reduce_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
