@@ -12,8 +12,10 @@ inputs existed (warm-up included); time is the median of CUDA-event timings afte
 torch, triton and transformers.
 
 Implementations: ``eager`` (softmax(QK^T)V), ``sdpa`` (torch's scaled_dot_product_attention: the flash kernel where
-it applies), ``topk`` (backend "auto": Triton on CUDA, PyTorch on the CPU), ``topk_torch``, ``topk_triton``, and for
-FF layers ``ff_plain``, ``ff_chunked``, ``ff_topk``. ``--forward-only`` times inference (no autograd).
+it applies), ``topk`` (backend "auto": Triton on CUDA, PyTorch on the CPU, which runs the compiled CPU kernels of
+``ops/cpu_kernels.py``), ``topk_torch``, ``topk_torch_ops`` (the PyTorch backend with those CPU kernels turned off:
+PyTorch operations only), ``topk_triton``, and for FF layers ``ff_plain``, ``ff_chunked``, ``ff_topk``.
+``--forward-only`` times inference (no autograd).
 
     python benchmarks/attention.py                                    # CPU defaults, markdown table
     python benchmarks/attention.py --lengths 1024 4096 --json results.json
@@ -36,10 +38,10 @@ from pathlib import Path
 
 from process_memory import reset_peak, rss_kib, run_child  # benchmarks/ is on sys.path when run as a script
 
-ATTENTION = ("eager", "sdpa", "topk", "topk_torch", "topk_triton")
+ATTENTION = ("eager", "sdpa", "topk", "topk_torch", "topk_torch_ops", "topk_triton")
 FEED_FORWARD = ("ff_plain", "ff_chunked", "ff_topk")
 ENCODER = ("sdpa", "topk", "topk_ff_chunked", "topk_torch")
-TOPK_BACKEND = {"topk": "auto", "topk_torch": "torch", "topk_triton": "triton"}
+TOPK_BACKEND = {"topk": "auto", "topk_torch": "torch", "topk_torch_ops": "torch", "topk_triton": "triton"}
 
 
 def layer_step(impl: str, length: int, args: argparse.Namespace):
@@ -220,6 +222,16 @@ def _table(rows: list[dict], *, forward_only: bool) -> str:
     return "\n".join(lines)
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _describe(args: argparse.Namespace) -> str:
     import torch
 
@@ -232,7 +244,7 @@ def _describe(args: argparse.Namespace) -> str:
         except ImportError:
             pass
     else:
-        where = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        where = (f"{_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                  f"{torch.get_num_threads()} threads")
     return (f"{where}; B={args.batch} H={args.heads} D={args.head_dim} topk={args.topk} "
             f"chunk={args.query_chunk_size} {args.dtype}{' forward only' if args.forward_only else ''}; "
@@ -269,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         kind, impl, length, out = args.child[0], args.child[1], int(args.child[2]), Path(args.child[3])
+        if impl == "topk_torch_ops":
+            os.environ["TOPK_LIGHTNING_CPU_KERNEL"] = "0"
         step = encoder_step(impl, length, args) if kind == "encoder" else layer_step(impl, length, args)
         out.write_text(json.dumps(measure_cpu(step, args.repeats)))
         return 0
