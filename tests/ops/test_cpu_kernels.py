@@ -216,3 +216,13 @@ def test_dropout_in_the_compiled_forward_matches_a_dense_reference_with_the_same
     got = torch.autograd.grad(out, leaves, grad.float())
     for a, b in zip(got, expected):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=0)
+
+
+def test_the_same_seed_drops_the_same_entries_with_and_without_the_compiled_forward(monkeypatch):
+    q, k, v = (t.float() for t in _inputs(q_len=50, k_len=200))
+    torch.manual_seed(5)
+    compiled = topk_attention(q, k, v, topk=16, query_chunk_size=7, dropout_p=0.2)
+    monkeypatch.setattr(cpu_kernels, "attention_forward", lambda *args, **kwargs: None)
+    torch.manual_seed(5)
+    tiled = topk_attention(q, k, v, topk=16, query_chunk_size=7, dropout_p=0.2)
+    torch.testing.assert_close(compiled, tiled, atol=1e-6, rtol=0)

@@ -120,15 +120,23 @@ class TorchTopKAttention(torch.autograd.Function):
         ctx.config = (scale, dropout_p)
         ctx.position_bias = position_bias
 
+        tile = rows_per_tile(batch, heads, k_len, query_chunk_size, query)
+        dropped = None
+        if dropout_p > 0:
+            # Which kept entries dropout removes, drawn tile by tile (the draws of earlier versions, which drew
+            # inside the tile loop): a seed drops the same entries on either path below.
+            dropped = torch.empty(batch, heads, q_len, k, dtype=torch.bool, device=query.device)
+            for start in range(0, q_len, tile):
+                stop = min(start + tile, q_len)
+                shape = (batch, heads, stop - start, k)
+                dropped[:, :, start:stop] = torch.rand(shape, dtype=work_dtype, device=query.device) < dropout_p
+
         # On a CPU, the whole forward in compiled code where it applies (fp32, no additive bias): scores never leave
         # the cache (`cpu_kernels.attention_forward`).
         if (
             bias is None and position_bias is None and query.device.type == "cpu" and query.dtype == torch.float32
             and k < k_len and cpu_kernels.available()
         ):
-            dropped = None
-            if dropout_p > 0:
-                dropped = torch.rand(batch, heads, q_len, k, device=query.device) < dropout_p
             compiled = cpu_kernels.attention_forward(
                 query, key, value, k, scale, causal, key_padding_mask, save_for_backward=backward_follows,
                 dropped=dropped, dropout_p=dropout_p,
@@ -143,9 +151,6 @@ class TorchTopKAttention(torch.autograd.Function):
             batch, heads, q_len, k, dtype=torch.int32 if k_len < 2**31 else torch.int64, device=query.device
         )
         kept_prob = torch.empty(batch, heads, q_len, k, dtype=work_dtype, device=query.device)
-        dropped = (
-            torch.empty(batch, heads, q_len, k, dtype=torch.bool, device=query.device) if dropout_p > 0 else None
-        )
 
         key_t = key.contiguous().transpose(-1, -2)  # one copy now rather than one per tile inside matmul
         # Values as the rows of one table: the kv slab of (b, h) starts at ((b * Hkv) + h // group) * Lk.
@@ -163,7 +168,6 @@ class TorchTopKAttention(torch.autograd.Function):
         if position_bias is not None:
             relative_table = bias_by_distance(position_bias, position_bias.distance_buckets(q_len, k_len), query.dtype)
 
-        tile = rows_per_tile(batch, heads, k_len, query_chunk_size, query)
         for start in range(0, q_len, tile):
             stop = min(start + tile, q_len)
             rows = stop - start
@@ -185,9 +189,7 @@ class TorchTopKAttention(torch.autograd.Function):
             kept_index[:, :, start:stop] = index
             kept_prob[:, :, start:stop] = prob
             if dropped is not None:
-                keep = torch.rand_like(prob) >= dropout_p
-                dropped[:, :, start:stop] = ~keep
-                prob = prob * keep / (1.0 - dropout_p)
+                prob = prob * ~dropped[:, :, start:stop] / (1.0 - dropout_p)
             tile_out = weighted_row_sum((index + row_base).view(-1, k), value_rows, prob.reshape(-1, k))
             out[:, :, start:stop] = tile_out.view(batch, heads, rows, head_dim)
 
