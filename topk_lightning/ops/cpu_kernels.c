@@ -15,97 +15,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#if defined(__AVX512F__) && !defined(TOPK_PORTABLE)
-#include <immintrin.h>
-#define HAVE_AVX512 1
-
-static inline __mmask16 low_lanes(int count) { return (__mmask16)((1u << count) - 1u); }
-
-/* The k-th largest (k >= 1) of a[0..n): quickselect whose partition step is branch-free, 16 lanes at a time
-   (compress the lanes above / below the pivot, write them to the two ends of the other buffer). a and spare both
-   hold n values; both are overwritten. */
-static float kth_largest_f32_avx512(float *a, float *spare, int64_t n, int64_t k) {
-    for (;;) {
-        if (n == 1) return a[0];
-        float x = a[0], y = a[n / 2], z = a[n - 1];
-        float pivot = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));
-        __m512 p = _mm512_set1_ps(pivot);
-        int64_t above = 0, below = 0;
-        for (int64_t i = 0; i < n; i += 16) {
-            __mmask16 valid = n - i >= 16 ? (__mmask16)0xFFFF : low_lanes((int)(n - i));
-            __m512 v = _mm512_maskz_loadu_ps(valid, a + i);
-            __mmask16 gt = _mm512_mask_cmp_ps_mask(valid, v, p, _CMP_GT_OQ);
-            __mmask16 lt = _mm512_mask_cmp_ps_mask(valid, v, p, _CMP_LT_OQ);
-            int n_gt = __builtin_popcount(gt), n_lt = __builtin_popcount(lt);
-            _mm512_mask_storeu_ps(spare + above, low_lanes(n_gt), _mm512_maskz_compress_ps(gt, v));
-            below += n_lt;
-            _mm512_mask_storeu_ps(spare + n - below, low_lanes(n_lt), _mm512_maskz_compress_ps(lt, v));
-            above += n_gt;
-        }
-        int64_t equal = n - above - below;
-        float *next = a;
-        a = spare;
-        spare = next;
-        if (k <= above) {
-            n = above;
-        } else if (k <= above + equal) {
-            return pivot;
-        } else {
-            k -= above + equal;
-            a += n - below;
-            n = below;
-        }
-    }
-}
-
-/* topk_row for float rows shorter than 2^31, with AVX-512. scratch: cand_val 2n + groups + 32 floats,
-   cand_idx n + 16 int32. Returns 1 if the row holds a NaN. */
-static int topk_row_f32_avx512(const float *row, int64_t n, int64_t k, int64_t groups, float *out_val,
-                               int64_t *out_idx, float *cand_val, int32_t *cand_idx) {
-    float *work = cand_val + n + 16;
-    float tau = -INFINITY;
-    if (groups >= k && groups < n) {
-        float *maxima = work + n;
-        for (int64_t g = 0; g < groups; g++) maxima[g] = row[g];
-        for (int64_t start = groups; start < n; start += groups) {
-            int64_t width = n - start < groups ? n - start : groups;
-            const float *chunk = row + start;
-            for (int64_t g = 0; g < width; g++) maxima[g] = chunk[g] > maxima[g] ? chunk[g] : maxima[g];
-        }
-        tau = kth_largest_f32_avx512(maxima, work, groups, k);
-    }
-    __m512 t = _mm512_set1_ps(tau);
-    __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512i step = _mm512_set1_epi32(16);
-    __mmask16 nans = 0;
-    int64_t count = 0;
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 valid = n - i >= 16 ? (__mmask16)0xFFFF : low_lanes((int)(n - i));
-        __m512 v = _mm512_maskz_loadu_ps(valid, row + i);
-        __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, v, t, _CMP_GE_OQ);
-        nans |= _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q);
-        int kept = __builtin_popcount(keep);
-        _mm512_mask_storeu_ps(cand_val + count, low_lanes(kept), _mm512_maskz_compress_ps(keep, v));
-        _mm512_mask_storeu_epi32(cand_idx + count, low_lanes(kept), _mm512_maskz_compress_epi32(keep, index));
-        count += kept;
-        index = _mm512_add_epi32(index, step);
-    }
-    if (nans || count < k) return 1;
-    for (int64_t j = 0; j < count; j++) work[j] = cand_val[j];
-    float kth = kth_largest_f32_avx512(work, work + count, count, k);
-    int64_t o = 0;
-    for (int64_t j = 0; j < count; j++) {
-        float x = cand_val[j];
-        out_val[o] = x;
-        out_idx[o] = cand_idx[j];
-        o += x > kth;
-    }
-    for (int64_t j = 0; j < count && o < k; j++) {
-        if (cand_val[j] == kth) { out_val[o] = kth; out_idx[o] = cand_idx[j]; o++; }
-    }
-    return 0;
-}
-#endif
 
 #define MAX_THREADS 64
 
@@ -156,18 +65,23 @@ static int64_t thread_count(int64_t threads, int64_t rows) {
 #define DEFINE_ROW_SELECTION(T, SUFFIX)                                                                     \
     DEFINE_KTH_LARGEST(T, kth_largest_##SUFFIX)                                                         \
                                                                                                         \
+    /* maxima[g] = the largest row[i] with i % groups == g (groups <= n), vectorised over g. */         \
+    static void group_maxima_##SUFFIX(const T *row, int64_t n, int64_t groups, T *maxima) {             \
+        for (int64_t g = 0; g < groups; g++) maxima[g] = row[g];                                        \
+        for (int64_t start = groups; start < n; start += groups) {                                      \
+            int64_t width = n - start < groups ? n - start : groups;                                    \
+            const T *chunk = row + start;                                                               \
+            for (int64_t g = 0; g < width; g++) maxima[g] = chunk[g] > maxima[g] ? chunk[g] : maxima[g]; \
+        }                                                                                               \
+    }                                                                                                   \
+                                                                                                        \
     /* One row; scratch holds 2n + G values and n indices. Returns 1 if the row holds a NaN. */         \
     static int topk_row_##SUFFIX(const T *row, int64_t n, int64_t k, int64_t groups, T *out_val,        \
                                  int64_t *out_idx, T *cand_val, int64_t *cand_idx, T *work) {           \
         int64_t count = 0, nans = 0;                                                                    \
         if (groups >= k && groups < n) {                                                                \
             T *maxima = work + n;                                                                       \
-            for (int64_t g = 0; g < groups; g++) maxima[g] = row[g];                                    \
-            for (int64_t start = groups; start < n; start += groups) {                                  \
-                int64_t width = n - start < groups ? n - start : groups;                                \
-                const T *chunk = row + start;                                                           \
-                for (int64_t g = 0; g < width; g++) maxima[g] = chunk[g] > maxima[g] ? chunk[g] : maxima[g]; \
-            }                                                                                           \
+            group_maxima_##SUFFIX(row, n, groups, maxima);                                              \
             T tau = kth_largest_##SUFFIX(maxima, groups, k);                                            \
             for (int64_t i = 0; i < n; i++) {                                                           \
                 T x = row[i];                                                                           \
@@ -238,6 +152,93 @@ static int64_t thread_count(int64_t threads, int64_t rows) {
 
 DEFINE_ROW_SELECTION(float, f32)
 DEFINE_ROW_SELECTION(double, f64)
+
+#if defined(__AVX512F__) && !defined(TOPK_PORTABLE)
+#include <immintrin.h>
+#define HAVE_AVX512 1
+
+static inline __mmask16 low_lanes(int count) { return (__mmask16)((1u << count) - 1u); }
+
+/* The k-th largest (k >= 1) of a[0..n): quickselect whose partition step is branch-free, 16 lanes at a time
+   (compress the lanes above / below the pivot, write them to the two ends of the other buffer). a and spare both
+   hold n values; both are overwritten. */
+static float kth_largest_f32_avx512(float *a, float *spare, int64_t n, int64_t k) {
+    for (;;) {
+        if (n == 1) return a[0];
+        float x = a[0], y = a[n / 2], z = a[n - 1];
+        float pivot = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));
+        __m512 p = _mm512_set1_ps(pivot);
+        int64_t above = 0, below = 0;
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 valid = n - i >= 16 ? (__mmask16)0xFFFF : low_lanes((int)(n - i));
+            __m512 v = _mm512_maskz_loadu_ps(valid, a + i);
+            __mmask16 gt = _mm512_mask_cmp_ps_mask(valid, v, p, _CMP_GT_OQ);
+            __mmask16 lt = _mm512_mask_cmp_ps_mask(valid, v, p, _CMP_LT_OQ);
+            int n_gt = __builtin_popcount(gt), n_lt = __builtin_popcount(lt);
+            _mm512_mask_storeu_ps(spare + above, low_lanes(n_gt), _mm512_maskz_compress_ps(gt, v));
+            below += n_lt;
+            _mm512_mask_storeu_ps(spare + n - below, low_lanes(n_lt), _mm512_maskz_compress_ps(lt, v));
+            above += n_gt;
+        }
+        int64_t equal = n - above - below;
+        float *next = a;
+        a = spare;
+        spare = next;
+        if (k <= above) {
+            n = above;
+        } else if (k <= above + equal) {
+            return pivot;
+        } else {
+            k -= above + equal;
+            a += n - below;
+            n = below;
+        }
+    }
+}
+
+/* topk_row for float rows shorter than 2^31, with AVX-512. scratch: cand_val 2n + groups + 32 floats,
+   cand_idx n + 16 int32. Returns 1 if the row holds a NaN. */
+static int topk_row_f32_avx512(const float *row, int64_t n, int64_t k, int64_t groups, float *out_val,
+                               int64_t *out_idx, float *cand_val, int32_t *cand_idx) {
+    float *work = cand_val + n + 16;
+    float tau = -INFINITY;
+    if (groups >= k && groups < n) {
+        float *maxima = work + n;
+        group_maxima_f32(row, n, groups, maxima);
+        tau = kth_largest_f32_avx512(maxima, work, groups, k);
+    }
+    __m512 t = _mm512_set1_ps(tau);
+    __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i step = _mm512_set1_epi32(16);
+    __mmask16 nans = 0;
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 valid = n - i >= 16 ? (__mmask16)0xFFFF : low_lanes((int)(n - i));
+        __m512 v = _mm512_maskz_loadu_ps(valid, row + i);
+        __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, v, t, _CMP_GE_OQ);
+        nans |= _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q);
+        int kept = __builtin_popcount(keep);
+        _mm512_mask_storeu_ps(cand_val + count, low_lanes(kept), _mm512_maskz_compress_ps(keep, v));
+        _mm512_mask_storeu_epi32(cand_idx + count, low_lanes(kept), _mm512_maskz_compress_epi32(keep, index));
+        count += kept;
+        index = _mm512_add_epi32(index, step);
+    }
+    if (nans || count < k) return 1;
+    for (int64_t j = 0; j < count; j++) work[j] = cand_val[j];
+    float kth = kth_largest_f32_avx512(work, work + count, count, k);
+    int64_t o = 0;
+    for (int64_t j = 0; j < count; j++) {
+        float x = cand_val[j];
+        out_val[o] = x;
+        out_idx[o] = cand_idx[j];
+        o += x > kth;
+    }
+    for (int64_t j = 0; j < count && o < k; j++) {
+        if (cand_val[j] == kth) { out_val[o] = kth; out_idx[o] = cand_idx[j]; o++; }
+    }
+    return 0;
+}
+#endif
 
 /* One row: values holds 3n + groups + 64 scalars, indices n + 16 int64. */
 static int select_row_f32(const float *row, int64_t n, int64_t k, int64_t groups, float *out_val,

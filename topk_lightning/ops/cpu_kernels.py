@@ -2,15 +2,15 @@
 
 On a CPU the PyTorch steps of top-k attention are bound by memory traffic and by ``torch.topk``: every score tile is
 written by a matmul, read back by the selection (``torch.topk`` costs ~4 ns per score read), and a dozen small ops
-follow. Measured on 2 cores (Intel Xeon, AVX-512), forward only, B=4, H=12, L=2,048, D=32, k=64: 598 ms against
-SDPA's 98 ms. The C forward computes the scores of four query rows at a time into a buffer that stays in cache,
+follow. Measured on 2 cores (Intel Xeon, AVX-512), forward only, B=4, H=12, L=2,048, D=32, k=64: 475 ms against
+SDPA's 96 ms. The C forward computes the scores of four query rows at a time into a buffer that stays in cache,
 selects each row's top k there, and finishes the row (softmax, weighted sum of value rows) before moving on:
-138 ms for the same layer (see the README's CPU section for how it was measured).
+128 ms for the same layer (`benchmarks/results/attention_forward.json`; the README's CPU section has the command).
 
-- `attention_forward`: the whole forward for fp32 without an additive bias; it also writes the kept
-  indices and probabilities that the PyTorch backward reads.
-- `topk_rows`: the selection alone (fp32 and fp64), which the PyTorch path uses for everything else (a bias, a T5
-  relative bias, dropout in training, top-k feed-forward layers).
+- `attention_forward`: the whole forward for fp32 without an additive bias (dropout included); it also writes the
+  kept indices and probabilities that the PyTorch backward reads.
+- `topk_rows`: the selection alone (fp32 and fp64), which the PyTorch path uses for everything else (an additive
+  bias, a T5 relative bias, fp64, top-k feed-forward layers).
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; -O3,
 -march=native, falling back to portable flags if those fail) and cached in ``$TOPK_LIGHTNING_CACHE`` (default
@@ -46,7 +46,7 @@ DISABLE_ENV = "TOPK_LIGHTNING_CPU_KERNEL"
 CACHE_ENV = "TOPK_LIGHTNING_CACHE"
 # Below this many scores a call runs on one thread (starting threads costs ~10-50 us each).
 _SCORES_PER_THREAD = 1 << 16
-_FUNCTIONS = {torch.float32: ("topk_rows_f32",), torch.float64: ("topk_rows_f64",)}
+_FUNCTIONS = {torch.float32: "topk_rows_f32", torch.float64: "topk_rows_f64"}
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -80,7 +80,7 @@ def topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     values = torch.empty(rows, k, dtype=scores.dtype)
     index = torch.empty(rows, k, dtype=torch.int64)
     threads = max(1, min(torch.get_num_threads(), scores.numel() // _SCORES_PER_THREAD))
-    status = getattr(library, _FUNCTIONS[scores.dtype][0])(
+    status = getattr(library, _FUNCTIONS[scores.dtype])(
         rows_view.data_ptr(), rows, length, rows_view.stride(0), k, _groups(length, k), threads, values.data_ptr(),
         index.data_ptr(),
     )
@@ -195,7 +195,7 @@ def build_library(portable: bool = False) -> ctypes.CDLL:
 
 
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
-    for (name,) in _FUNCTIONS.values():
+    for name in _FUNCTIONS.values():
         function = getattr(library, name)
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p]

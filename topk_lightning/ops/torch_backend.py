@@ -52,7 +52,8 @@ def select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     strided groups, keep the k groups with the largest maxima, and search only their members. It is exact
     because a row's top-k entries always lie in the k groups with the largest maxima (a group holding a top-k
     entry e whose maximum ranks below k others would leave k + 1 entries >= e). On a CPU the compiled selection
-    (`cpu_kernels`) does the same in one fused pass per row, several times faster.
+    (`cpu_kernels.topk_rows`) bounds the k-th score from group maxima the same way and filters each row once, in
+    cache, several times faster.
     """
     if scores.device.type == "cpu":
         selected = cpu_kernels.topk_rows(scores, k)
@@ -131,12 +132,9 @@ class TorchTopKAttention(torch.autograd.Function):
                 shape = (batch, heads, stop - start, k)
                 dropped[:, :, start:stop] = torch.rand(shape, dtype=work_dtype, device=query.device) < dropout_p
 
-        # On a CPU, the whole forward in compiled code where it applies (fp32, no additive bias): scores never leave
-        # the cache (`cpu_kernels.attention_forward`).
-        if (
-            bias is None and position_bias is None and query.device.type == "cpu" and query.dtype == torch.float32
-            and k < k_len and cpu_kernels.available()
-        ):
+        # On a CPU, the whole forward in compiled code where it applies (fp32, no additive bias; it returns None
+        # otherwise): scores never leave the cache (`cpu_kernels.attention_forward`).
+        if bias is None and position_bias is None and query.device.type == "cpu":
             compiled = cpu_kernels.attention_forward(
                 query, key, value, k, scale, causal, key_padding_mask, save_for_backward=backward_follows,
                 dropped=dropped, dropout_p=dropout_p,
