@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing it (the 
 
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "boolq"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy.json"
+DEFAULT_MODELS = REPO / "outputs" / "accuracy-models"
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -78,6 +79,9 @@ class Task:
     gradient_clip_val: float = 1.0
     min_tokens: int | None = None  # long inputs: at least this many tokens per example
     zero_shot: bool = False  # also evaluate the SDPA-fine-tuned model with top-k at each k
+    accumulate_grad_batches: int = 1  # optimiser step every this many batches of batch_size (memory of dense runs)
+    start_from: str | None = None  # fine-tune from this task's SDPA-fine-tuned model of the same seed (two stages)
+    recipe_overlay: str | None = None  # a config given after ``recipe`` (``--config A --config B``)
 
 
 TASKS = {
@@ -87,6 +91,13 @@ TASKS = {
     "boolq_long": Task(name="boolq_long", recipe="recipes/boolq-long.yaml", ks=(16, 32, 64), max_length=2048,
                        batch_size=8, eval_batch_size=16, epochs=2, learning_rate=1e-4, pooling="mean",
                        query_chunk_size=512, min_tokens=2000),
+    # Two stages, as long-input models are usually trained: the BoolQ model (SDPA, same seed) goes on to long inputs
+    # with each attention, so a few hundred long examples suffice to compare them (the CPU plan). Micro-batches of 2
+    # with 4-step accumulation: dense SDPA's CPU backward at 8 x 2,048 tokens needs more than 24 GiB.
+    "boolq_long_warm": Task(name="boolq_long_warm", recipe="recipes/boolq-long.yaml",
+                            recipe_overlay="recipes/boolq-long-warm.yaml", ks=(16, 32, 64), max_length=2048,
+                            batch_size=2, accumulate_grad_batches=4, eval_batch_size=16, epochs=1, learning_rate=5e-5,
+                            pooling="mean", query_chunk_size=512, min_tokens=2000, start_from="boolq"),
 }
 
 
@@ -104,15 +115,21 @@ PLANS = {
     # 2 CPU cores: BoolQ in full for one epoch (measured: ~15 min of training per SDPA run, ~2 min per dev pass),
     # the targets' runs of both seeds first. Long-input BoolQ (~15x the tokens per example) only when asked for
     # (--tasks boolq_long), on a subset.
-    "cpu": Plan(seeds=(0, 1), sizes={"boolq": (None, None), "boolq_long": (160, 160)}, tasks=("boolq",),
-                overrides={"boolq": dict(epochs=1)}),
+    # (--tasks boolq_long or boolq_long_warm), on a subset: measured with top-k, a step of 8 x 2,048 tokens takes
+    # ~10 s, dense SDPA ~55 s (4 x 2); 320 long training questions then cost ~40 min with SDPA, ~7 min per top-k run.
+    "cpu": Plan(seeds=(0, 1), sizes={"boolq": (None, None), "boolq_long": (160, 160), "boolq_long_warm": (320, 400)},
+                tasks=("boolq",), overrides={"boolq": dict(epochs=1)}),
     # One H200: BoolQ in full, long-input BoolQ on 3,000 training questions and the whole dev set.
-    "gpu": Plan(seeds=(0, 1), sizes={"boolq": (None, None), "boolq_long": (3000, None)}),
+    "gpu": Plan(seeds=(0, 1), sizes={"boolq": (None, None), "boolq_long": (3000, None),
+                                     "boolq_long_warm": (3000, None)}),
     # Every code path on a few examples: short inputs, one epoch.
-    "smoke": Plan(seeds=(0,), sizes={"boolq": (24, 24), "boolq_long": (8, 8)},
+    "smoke": Plan(seeds=(0,), sizes={"boolq": (24, 24), "boolq_long": (8, 8), "boolq_long_warm": (8, 8)},
+                  tasks=("boolq", "boolq_long", "boolq_long_warm"),
                   overrides={"boolq": dict(ks=(8, 64), max_length=128, epochs=1, batch_size=8, eval_batch_size=16),
                              "boolq_long": dict(ks=(16,), max_length=512, min_tokens=400, epochs=1, batch_size=4,
-                                                eval_batch_size=8, query_chunk_size=128)}),
+                                                eval_batch_size=8, query_chunk_size=128),
+                             "boolq_long_warm": dict(ks=(16,), max_length=512, min_tokens=400, batch_size=2,
+                                                     eval_batch_size=8, query_chunk_size=128)}),
 }
 
 
@@ -131,7 +148,7 @@ class Run:
 def ordered_runs(tasks: list[Task], seeds: tuple[int, ...]) -> list[Run]:
     """Priority order: per seed the SDPA baseline (and its zero-shot swaps), the k the targets name (32 for BoolQ,
     64 for long inputs), then the other k; seeds after the first come only once every seed-0 target run is done."""
-    target_k = {"boolq": 32, "boolq_long": 64}
+    target_k = {"boolq": 32, "boolq_long": 64, "boolq_long_warm": 64}
     runs: list[Run] = []
     for seed in seeds:
         for task in tasks:
@@ -213,6 +230,7 @@ def _deadline_callback(deadline: float):
 
 
 def build_module(task: Task, run: Run, model_dir: Path):
+    """The recipe's module on ``model_dir`` (the pretrained model, or a first stage's export with its head)."""
     import torch
 
     from topk_lightning.modules import SequenceClassificationModule
@@ -235,6 +253,7 @@ def fine_tune(module, train_loader, *, task: Task, device: str, deadline: float)
     guard = _deadline_callback(deadline)
     trainer = pl.Trainer(
         accelerator=device, devices=1, max_epochs=task.epochs, gradient_clip_val=task.gradient_clip_val,
+        accumulate_grad_batches=task.accumulate_grad_batches,
         precision="bf16-mixed" if device == "cuda" else "32-true", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[guard],
     )
@@ -268,7 +287,7 @@ def run_key(record: dict[str, Any]) -> tuple:
     """What makes two records the same run (resuming skips a run whose records are all present)."""
     return tuple(record.get(k) for k in ("task", "attention", "topk", "mode", "seed", "n_train", "n_eval",
                                          "max_length", "epochs", "learning_rate", "pooling", "batch_size", "warmup_ratio",
-                                         "query_chunk_size", "device"))
+                                         "query_chunk_size", "device", "start_from"))
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -505,7 +524,8 @@ def base_record(run: Run, *, n_train: int, n_eval: int, device: str, weights: st
             "n_train": n_train, "n_eval": n_eval, "max_length": task.max_length, "device": device,
             "date": datetime.date.today().isoformat(), "epochs": task.epochs, "learning_rate": task.learning_rate,
             "batch_size": task.batch_size, "pooling": task.pooling, "query_chunk_size": task.query_chunk_size,
-            "warmup_ratio": task.warmup_ratio, "min_tokens": task.min_tokens,
+            "warmup_ratio": task.warmup_ratio, "min_tokens": task.min_tokens, "start_from": task.start_from,
+            "accumulate_grad_batches": task.accumulate_grad_batches,
             "weights": weights, "majority": round(majority, 2), **ENVIRONMENT}
 
 
@@ -534,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-eval", type=int, default=None, help="override the plan's dev size (all tasks)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override task settings for "
                         "tuning, e.g. --set learning_rate=5e-5 pooling=model epochs=4 ks= (no top-k runs)")
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS, help="where SDPA-fine-tuned models that "
+                        "a two-stage task starts from are exported and found (default "
+                        f"{DEFAULT_MODELS.relative_to(REPO)}; a missing one is trained first)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds from start; runs that would not "
                         "finish are skipped and a run cut by the budget is discarded, results stay written")
     parser.add_argument("--report", action="store_true", help="only rewrite the table and plot from --out")
@@ -604,6 +627,27 @@ def main(argv: list[str] | None = None) -> int:
                                      load_split(task, args.data_dir, "dev", n_eval, tokenizer))
         return data_cache[task.name]
 
+    first_stages = {t.start_from for t in tasks if t.start_from}
+
+    def stage_one_dir(name: str, seed: int) -> Path:
+        return args.models_dir / f"{name}-sdpa-seed{seed}"
+
+    def starting_model(task: Task, seed: int) -> Path:
+        """The model ``task`` fine-tunes: the pretrained one, or its first stage's export (trained now if missing;
+        the same run as the first stage's own row, so nothing is recorded for it here)."""
+        if task.start_from is None:
+            return model_dir
+        path = stage_one_dir(task.start_from, seed)
+        if not (path / "config.json").is_file():
+            source = resolve_tasks(plan, [task.start_from], {})[0]
+            print(f"{task.name}: first stage {source.name} sdpa seed {seed} not in {path}: training it", flush=True)
+            pl.seed_everything(seed, verbose=False)
+            first = build_module(source, Run(source, "sdpa", None, seed), model_dir)
+            fine_tune(first, loader(data_for(source)[0], batch_size=source.batch_size, pad_id=pad_id, task=source,
+                                    shuffle_seed=seed), task=source, device=args.device, deadline=deadline)
+            first.export(path)
+        return path
+
     def save(new: list[dict]) -> None:
         records.extend(new)
         write_json_atomic(out, records)
@@ -641,9 +685,11 @@ def main(argv: list[str] | None = None) -> int:
         dev_loader = loader(dev, batch_size=task.eval_batch_size, pad_id=pad_id, task=task, shuffle_seed=None)
         module = None
         try:
-            module = build_module(task, run, model_dir)
+            module = build_module(task, run, starting_model(task, run.seed))
             train_seconds = fine_tune(module, train_loader, task=task, device=args.device, deadline=deadline)
             seconds_per_example[(task.name, run.attention)] = train_seconds / (len(train) * task.epochs)
+            if run.attention == "sdpa" and task.name in first_stages:
+                module.export(stage_one_dir(task.name, run.seed))  # what the second stage starts from
             new = []
             if ("finetune", run.attention, run.topk) in missing:
                 accuracy, macro_f1, eval_seconds = evaluate(module, dev_loader, device=args.device, deadline=deadline)

@@ -56,13 +56,15 @@ def test_smoke_every_path_then_resume(tmp_path, fp16_model):
     if not (BOOLQ / "dev.jsonl").is_file():
         pytest.skip(f"BoolQ not found at {BOOLQ}")
     out = tmp_path / "results" / "accuracy.json"
-    log = run_script("--smoke", "--model-dir", fp16_model, "--data-dir", BOOLQ, "--out", out)
+    models = tmp_path / "models"
+    log = run_script("--smoke", "--model-dir", fp16_model, "--data-dir", BOOLQ, "--out", out, "--models-dir", models)
     records = json.loads(out.read_text())
     runs = {(r["task"], r["attention"], r["topk"], r["mode"]) for r in records}
     assert runs == {("boolq", "sdpa", None, "finetune"), ("boolq", "topk", 8, "finetune"),
                     ("boolq", "topk", 64, "finetune"), ("boolq", "topk", 8, "zero_shot"),
                     ("boolq", "topk", 64, "zero_shot"), ("boolq_long", "sdpa", None, "finetune"),
-                    ("boolq_long", "topk", 16, "finetune")}
+                    ("boolq_long", "topk", 16, "finetune"), ("boolq_long_warm", "sdpa", None, "finetune"),
+                    ("boolq_long_warm", "topk", 16, "finetune")}
     assert len(records) == 2 * len(runs) and {r["metric"] for r in records} == {"accuracy", "macro_f1"}
     for r in records:
         assert 0 <= r["value"] <= 100 and r["weights"] == "fp16-stored" and r["device"] == "cpu"
@@ -70,6 +72,11 @@ def test_smoke_every_path_then_resume(tmp_path, fp16_model):
         assert r["n_train"] == (24 if r["task"] == "boolq" else 8) and r["n_eval"] == r["n_train"]
         assert r["max_length"] == (128 if r["task"] == "boolq" else 512)
         assert 50 <= r["majority"] <= 100
+        assert r["start_from"] == ("boolq" if r["task"] == "boolq_long_warm" else None)
+    # the second stage started from the first's export (encoder and pooled head), written once, by the SDPA run
+    assert sorted(p.name for p in models.iterdir()) == ["boolq-sdpa-seed0"]
+    assert (models / "boolq-sdpa-seed0" / "classification_head.safetensors").is_file()
+    assert "first stage" not in log
     table = out.with_suffix(".md").read_text()
     assert table.count("\n") == 2 + len(runs) and "zero-shot swap" in table and "top-k k=64" in table
     try:
@@ -80,9 +87,16 @@ def test_smoke_every_path_then_resume(tmp_path, fp16_model):
         assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
     # finished runs are skipped: nothing is retrained, the records stay as they were
-    again = run_script("--smoke", "--model-dir", fp16_model, "--data-dir", BOOLQ, "--out", out)
-    assert again.count("skip ") == 5 and not re.search(r": accuracy \d", again)  # no run line, only the table
+    again = run_script("--smoke", "--model-dir", fp16_model, "--data-dir", BOOLQ, "--out", out, "--models-dir", models)
+    assert again.count("skip ") == 7 and not re.search(r": accuracy \d", again)  # no run line, only the table
     assert json.loads(out.read_text()) == records
+
+    # a second stage alone trains its missing first stage, then goes on from it
+    alone = run_script("--smoke", "--tasks", "boolq_long_warm", "--model-dir", fp16_model, "--data-dir", BOOLQ,
+                       "--out", tmp_path / "alone.json", "--models-dir", tmp_path / "models2", "--set", "ks=")
+    assert "boolq_long_warm: first stage boolq sdpa seed 0 not in" in alone
+    assert (tmp_path / "models2" / "boolq-sdpa-seed0" / "config.json").is_file()
+    assert [r["task"] for r in json.loads((tmp_path / "alone.json").read_text())] == ["boolq_long_warm"] * 2
 
 
 def test_time_budget_stops_cleanly_without_partial_rows(tmp_path, tiny_bert):
@@ -105,15 +119,31 @@ def test_missing_data_and_model_are_named(tmp_path, tiny_bert):
     assert result.returncode != 0 and f"{tmp_path / 'train.jsonl'}" in result.stderr
 
 
-@pytest.mark.parametrize("task", ["boolq", "boolq_long"])
+def merged(base: dict, overlay: dict) -> dict:
+    """``--config base --config overlay`` as jsonargparse reads it: mappings merged key by key."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.mark.parametrize("task", ["boolq", "boolq_long", "boolq_long_warm"])
 def test_recipe_matches_benchmark_settings(task):
     settings = json.loads(subprocess.run([sys.executable, str(SCRIPT), "--print-settings"], capture_output=True,
                                          text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout)
     setting = settings[task]
     recipe = yaml.safe_load((REPO / setting["recipe"]).read_text())
+    if setting["recipe_overlay"]:
+        recipe = merged(recipe, yaml.safe_load((REPO / setting["recipe_overlay"]).read_text()))
     model, data, trainer = recipe["model"]["init_args"], recipe["data"]["init_args"], recipe["trainer"]
     assert recipe["model"]["class_path"] == "topk_lightning.modules.SequenceClassificationModule"
-    assert model["backbone"] is None and model["attention"] == "topk" and model["topk"] in setting["ks"]
+    assert model["attention"] == "topk" and model["topk"] in setting["ks"]
+    if setting["start_from"] is None:
+        assert model["backbone"] is None  # the bundled MiniLM
+    else:  # the first stage's export, made by the first stage's recipe
+        first = settings[setting["start_from"]]
+        assert f"--export_dir {model['backbone']}" in (REPO / setting["recipe_overlay"]).read_text()
+        assert f"--config {first['recipe']} --model.attention=sdpa" in (REPO / setting["recipe_overlay"]).read_text()
     for key in ("learning_rate", "pooling", "query_chunk_size", "classifier_dropout", "weight_decay",
                 "warmup_ratio"):
         assert model[key] == setting[key], key
@@ -122,6 +152,7 @@ def test_recipe_matches_benchmark_settings(task):
     assert (data["text_column"], data["text_pair_column"], data["label_column"]) == ("question", "passage", "label")
     assert data["group_by_length"] is True
     assert trainer["max_epochs"] == setting["epochs"] and trainer["gradient_clip_val"] == setting["gradient_clip_val"]
+    assert trainer.get("accumulate_grad_batches", 1) == setting["accumulate_grad_batches"]
 
 
 def test_report_keeps_runs_of_different_lengths_apart(tmp_path):

@@ -92,6 +92,24 @@ def test_pooled_head_exports_encoder_and_head_file(tmp_path, tiny_bert):
         torch.testing.assert_close(value, trained[name], msg=name)
 
 
+def test_module_built_on_a_pooled_export_starts_from_its_head(tmp_path, tiny_bert, caplog):
+    # short-input fine-tuning, then a second stage on longer inputs from the export (positions extended)
+    module = SequenceClassificationModule(backbone=tiny_bert, attention="sdpa", num_labels=3, pooling="mean")
+    batch = _batch()
+    _fit_one_step(module, batch, tmp_path)
+    out = module.export(tmp_path / "export")
+    again = SequenceClassificationModule(backbone=str(out), attention="topk", topk=64, num_labels=3, pooling="mean",
+                                         max_positions=1024)
+    torch.testing.assert_close(again.head[1].weight, module.head[1].weight)
+    module.eval()
+    again.eval()
+    with torch.no_grad():  # k=64 >= 12 tokens: exact, so the second stage starts from the very same classifier
+        torch.testing.assert_close(again(batch), module(batch), atol=1e-5, rtol=1e-5)
+    with caplog.at_level("WARNING"):
+        other = SequenceClassificationModule(backbone=str(out), attention="sdpa", num_labels=2, pooling="cls")
+    assert "initialised afresh" in caplog.text and other.head[1].weight.shape == (2, module.head[1].in_features)
+
+
 def test_export_replaces_a_previous_export_and_cleans_up_on_failure(tmp_path, tiny_bert, monkeypatch):
     module = SequenceClassificationModule(backbone=tiny_bert, attention="sdpa", num_labels=2)
     target = tmp_path / "export"

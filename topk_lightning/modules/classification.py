@@ -3,6 +3,7 @@ from torchmetrics."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from topk_lightning.errors import InputError
 from topk_lightning.modules.base import ENCODER_ONLY_CLASSES, TopKTransformerModule
 
-__all__ = ["SequenceClassificationModule"]
+__all__ = ["HEAD_FILE", "SequenceClassificationModule"]
+
+log = logging.getLogger(__name__)
+
+#: The pooled heads' weights in an export, beside the encoder's (plain transformers has no class for them).
+HEAD_FILE = "classification_head.safetensors"
 
 
 class SequenceClassificationModule(TopKTransformerModule):
@@ -32,7 +38,7 @@ class SequenceClassificationModule(TopKTransformerModule):
             :meth:`export` then saves an ``AutoModelForSequenceClassification``. ``"cls"`` (the first token's state)
             or ``"mean"`` (mean over non-padding tokens, how sentence-embedding models such as MiniLM were trained):
             dropout + a linear layer of this module; the export then holds the encoder plus
-            ``classification_head.safetensors``.
+            ``classification_head.safetensors``, and a module whose ``backbone`` is such an export starts from both.
         classifier_dropout: dropout before the classifier (``"model"``: set on the config as the family names it).
         **kwargs: the encoder and optimiser options (``backbone``, ``attention``, ``topk``, ``query_chunk_size``,
             ``learning_rate``, ...) of :class:`~topk_lightning.modules.base.TopKTransformerModule`.
@@ -110,7 +116,28 @@ class SequenceClassificationModule(TopKTransformerModule):
         hp = self.hparams
         if hp.pooling == "model":
             return nn.Identity()  # the head is inside the backbone's task model
-        return nn.Sequential(nn.Dropout(hp.classifier_dropout), nn.Linear(hidden_size, hp.num_labels))
+        head = nn.Sequential(nn.Dropout(hp.classifier_dropout), nn.Linear(hidden_size, hp.num_labels))
+        self._load_exported_head(head)
+        return head
+
+    def _load_exported_head(self, head: nn.Module) -> None:
+        """A backbone exported by a pooled-head run (``classification_head.safetensors`` beside its weights) brings
+        its classifier along, so fine-tuning an export continues from it (e.g. short BoolQ, then long inputs). A head
+        of another shape (another number of classes) is left freshly initialised, as ``pooling="model"`` does."""
+        path = Path(self.backbone_path) / HEAD_FILE
+        if not path.is_file():
+            return
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path))
+        expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in saved.items()}
+        if found != expected:
+            log.warning("%s: %s holds a head of shapes %s, this module's is %s: the head is initialised afresh",
+                        type(self).__name__, path, found, expected)
+            return
+        head.load_state_dict(saved)
+        log.info("%s: classifier loaded from %s", type(self).__name__, path)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T, H) -> (B, H): the first token, or the mean over non-padding tokens."""
@@ -163,4 +190,4 @@ class SequenceClassificationModule(TopKTransformerModule):
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
-                  str(path / "classification_head.safetensors"))
+                  str(path / HEAD_FILE))
