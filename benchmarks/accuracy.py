@@ -97,7 +97,8 @@ TASKS = {
     "boolq_long_warm": Task(name="boolq_long_warm", recipe="recipes/boolq-long.yaml",
                             recipe_overlay="recipes/boolq-long-warm.yaml", ks=(16, 32, 64), max_length=2048,
                             batch_size=2, accumulate_grad_batches=4, eval_batch_size=16, epochs=1, learning_rate=5e-5,
-                            pooling="mean", query_chunk_size=512, min_tokens=2000, start_from="boolq"),
+                            pooling="mean", query_chunk_size=512, min_tokens=2000, start_from="boolq",
+                            zero_shot=True),
 }
 
 

@@ -64,7 +64,7 @@ def test_smoke_every_path_then_resume(tmp_path, fp16_model):
                     ("boolq", "topk", 64, "finetune"), ("boolq", "topk", 8, "zero_shot"),
                     ("boolq", "topk", 64, "zero_shot"), ("boolq_long", "sdpa", None, "finetune"),
                     ("boolq_long", "topk", 16, "finetune"), ("boolq_long_warm", "sdpa", None, "finetune"),
-                    ("boolq_long_warm", "topk", 16, "finetune")}
+                    ("boolq_long_warm", "topk", 16, "finetune"), ("boolq_long_warm", "topk", 16, "zero_shot")}
     assert len(records) == 2 * len(runs) and {r["metric"] for r in records} == {"accuracy", "macro_f1"}
     for r in records:
         assert 0 <= r["value"] <= 100 and r["weights"] == "fp16-stored" and r["device"] == "cpu"
@@ -96,7 +96,8 @@ def test_smoke_every_path_then_resume(tmp_path, fp16_model):
                        "--out", tmp_path / "alone.json", "--models-dir", tmp_path / "models2", "--set", "ks=")
     assert "boolq_long_warm: first stage boolq sdpa seed 0 not in" in alone
     assert (tmp_path / "models2" / "boolq-sdpa-seed0" / "config.json").is_file()
-    assert [r["task"] for r in json.loads((tmp_path / "alone.json").read_text())] == ["boolq_long_warm"] * 2
+    assert {(r["task"], r["attention"], r["mode"]) for r in json.loads((tmp_path / "alone.json").read_text())} == {
+        ("boolq_long_warm", "sdpa", "finetune")}
 
 
 def test_time_budget_stops_cleanly_without_partial_rows(tmp_path, tiny_bert):
