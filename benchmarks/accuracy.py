@@ -680,12 +680,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {run.label}: needs ~{estimate * len(train) * task.epochs:.0f} s, {remaining:.0f} s left",
                   flush=True)
             continue
-        pl.seed_everything(run.seed, verbose=False)
         train_loader = loader(train, batch_size=task.batch_size, pad_id=pad_id, task=task, shuffle_seed=run.seed)
         dev_loader = loader(dev, batch_size=task.eval_batch_size, pad_id=pad_id, task=task, shuffle_seed=None)
         module = None
         try:
-            module = build_module(task, run, starting_model(task, run.seed))
+            start_model = starting_model(task, run.seed)
+            # Seeded after a first stage trained here, so the run draws the same dropout with or without it.
+            pl.seed_everything(run.seed, verbose=False)
+            module = build_module(task, run, start_model)
             train_seconds = fine_tune(module, train_loader, task=task, device=args.device, deadline=deadline)
             seconds_per_example[(task.name, run.attention)] = train_seconds / (len(train) * task.epochs)
             if run.attention == "sdpa" and task.name in first_stages:
