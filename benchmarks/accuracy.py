@@ -8,6 +8,9 @@ For each seed, in priority order (the comparisons the targets name come first, s
 - ``boolq_long``: the same on long-input BoolQ (``topk_lightning.data.long_boolq``: each question's own passage at a
   random position among passages of other articles, 2,000-2,048 word-pieces in all, label unchanged), SDPA and
   top-k fine-tuned.
+- ``boolq_long_warm``: long-input BoolQ in two stages: the ``boolq`` SDPA model of the same seed (exported to
+  ``--models-dir``, trained first if missing) fine-tuned further on long inputs with each attention, plus its
+  zero-shot swaps. Sized for the CPU (a few hundred long questions): ``--tasks boolq_long_warm``.
 
 Results: one record per (run, metric) in ``--out`` (a JSON list; metrics ``accuracy`` and ``macro_f1``, in %),
 rewritten atomically after every run, a markdown table beside it (``.md``: mean and spread over seeds) and a plot
