@@ -184,3 +184,19 @@ def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
                      ("1", "top-k k=64"): ("0", "65.0", "-1.0"),
                      ("3", "sdpa"): ("0", "70.0", "-"), ("3", "top-k k=32"): ("0", "69.5", "-0.5")}
     assert (tmp_path / "acc.md").read_text().count("| boolq") == 5
+
+
+def test_first_stage_long_scores_a_model_on_long_inputs_with_each_attention(tmp_path, tiny_bert):
+    if not (BOOLQ / "dev.jsonl").is_file():
+        pytest.skip(f"BoolQ not found at {BOOLQ}")
+    script = REPO / "benchmarks" / "first_stage_long.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(script), "--model", tmp_path / "nothing"], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 2 and str(tmp_path / "nothing") in result.stderr
+    result = subprocess.run([sys.executable, str(script), "--model", tiny_bert, "--data-dir", BOOLQ, "--n-eval", "4",
+                             "--topk", "16"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if "on long inputs" in line]
+    assert len(lines) == 2 and "sdpa: accuracy" in lines[0] and "top-k k=16: accuracy" in lines[1]
+    assert result.stdout.startswith("4 long dev questions, majority")

@@ -1,0 +1,50 @@
+"""Score a first-stage BoolQ model (exported by ``benchmarks/accuracy.py`` to its ``--models-dir``) on long-input
+BoolQ before any long-input training, with SDPA and with top-k swapped in: does it bring anything to the second stage?
+
+    python benchmarks/first_stage_long.py                                   # seed 0's model, first 400 long dev
+    python benchmarks/first_stage_long.py --model outputs/boolq/sdpa-export --n-eval 3270 --topk 16 64
+
+Uses accuracy.py's own loading, batching and scoring (``boolq_long_warm`` settings); prints one line per attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy  # noqa: E402  (benchmarks/accuracy.py; it puts the repository on sys.path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=accuracy.DEFAULT_MODELS / "boolq-sdpa-seed0")
+    parser.add_argument("--data-dir", type=Path, default=accuracy.DEFAULT_DATA)
+    parser.add_argument("--n-eval", type=int, default=400)
+    parser.add_argument("--topk", type=int, nargs="*", default=[64])
+    args = parser.parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        print(f"first_stage_long: no model at {args.model} (run benchmarks/accuracy.py --tasks boolq_long_warm "
+              "first, or give --model)", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer
+
+    task = accuracy.TASKS["boolq_long_warm"]
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    dev = accuracy.load_split(task, args.data_dir, "dev", args.n_eval, tokenizer)
+    batches = accuracy.loader(dev, batch_size=task.eval_batch_size, pad_id=tokenizer.pad_token_id or 0, task=task,
+                              shuffle_seed=None)
+    labels = [e["labels"] for e in dev]
+    print(f"{len(dev)} long dev questions, majority {100 * max(labels.count(0), labels.count(1)) / len(labels):.1f}%")
+    for attention, k in [("sdpa", None)] + [("topk", k) for k in args.topk]:
+        module = accuracy.build_module(task, accuracy.Run(task, attention, k, 0), args.model)
+        acc, f1, seconds = accuracy.evaluate(module, batches, device="cpu", deadline=float("inf"))
+        name = "sdpa" if k is None else f"top-k k={k}"
+        print(f"{args.model.name} on long inputs, {name}: accuracy {acc:.2f}  macro-F1 {f1:.2f}  ({seconds:.0f} s)",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
