@@ -203,6 +203,17 @@ def loader(examples: list[dict[str, Any]], *, batch_size: int, pad_id: int, task
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
+def majority_percent(examples: list[dict[str, Any]]) -> float:
+    """Share of the more frequent label among ``examples``, in % (what always answering it scores)."""
+    labels = [e["labels"] for e in examples]
+    return 100 * max(labels.count(0), labels.count(1)) / len(labels)
+
+
+def first_stage_dir(models_dir: Path, task_name: str, seed: int) -> Path:
+    """Where the SDPA-fine-tuned model of ``task_name`` and ``seed`` is exported for a second stage to start from."""
+    return models_dir / f"{task_name}-sdpa-seed{seed}"
+
+
 def accuracy_and_macro_f1(predictions, labels) -> tuple[float, float]:
     """Accuracy and macro-F1 in %, computed as the classification module's ``val/acc`` and ``val/f1``."""
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
@@ -633,15 +644,12 @@ def main(argv: list[str] | None = None) -> int:
 
     first_stages = {t.start_from for t in tasks if t.start_from}
 
-    def stage_one_dir(name: str, seed: int) -> Path:
-        return args.models_dir / f"{name}-sdpa-seed{seed}"
-
     def starting_model(task: Task, seed: int) -> Path:
         """The model ``task`` fine-tunes: the pretrained one, or its first stage's export (trained now if missing;
         the same run as the first stage's own row, so nothing is recorded for it here)."""
         if task.start_from is None:
             return model_dir
-        path = stage_one_dir(task.start_from, seed)
+        path = first_stage_dir(args.models_dir, task.start_from, seed)
         if not (path / "config.json").is_file():
             source = resolve_tasks(plan, [task.start_from], {})[0]
             print(f"{task.name}: first stage {source.name} sdpa seed {seed} not in {path}: training it", flush=True)
@@ -663,8 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in ordered_runs(tasks, seeds):
         task = run.task
         train, dev = data_for(task)
-        labels = [e["labels"] for e in dev]
-        majority = 100 * max(labels.count(0), labels.count(1)) / len(labels)
+        majority = majority_percent(dev)
         base = base_record(run, n_train=len(train), n_eval=len(dev), device=args.device, weights=weights,
                            majority=majority)
         wanted = [("finetune", run.attention, run.topk)]
@@ -694,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             train_seconds = fine_tune(module, train_loader, task=task, device=args.device, deadline=deadline)
             seconds_per_example[(task.name, run.attention)] = train_seconds / (len(train) * task.epochs)
             if run.attention == "sdpa" and task.name in first_stages:
-                module.export(stage_one_dir(task.name, run.seed))  # what the second stage starts from
+                module.export(first_stage_dir(args.models_dir, task.name, run.seed))  # what the second stage starts from
             new = []
             if ("finetune", run.attention, run.topk) in missing:
                 accuracy, macro_f1, eval_seconds = evaluate(module, dev_loader, device=args.device, deadline=deadline)

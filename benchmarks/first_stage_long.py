@@ -19,7 +19,7 @@ import accuracy  # noqa: E402  (benchmarks/accuracy.py; it puts the repository o
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=accuracy.DEFAULT_MODELS / "boolq-sdpa-seed0")
+    parser.add_argument("--model", type=Path, default=accuracy.first_stage_dir(accuracy.DEFAULT_MODELS, "boolq", 0))
     parser.add_argument("--data-dir", type=Path, default=accuracy.DEFAULT_DATA)
     parser.add_argument("--n-eval", type=int, default=400)
     parser.add_argument("--topk", type=int, nargs="*", default=[64])
@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = accuracy.load_split(task, args.data_dir, "dev", args.n_eval, tokenizer)
     batches = accuracy.loader(dev, batch_size=task.eval_batch_size, pad_id=tokenizer.pad_token_id or 0, task=task,
                               shuffle_seed=None)
-    labels = [e["labels"] for e in dev]
-    print(f"{len(dev)} long dev questions, majority {100 * max(labels.count(0), labels.count(1)) / len(labels):.1f}%")
+    print(f"{len(dev)} long dev questions, majority {accuracy.majority_percent(dev):.1f}%")
     for attention, k in [("sdpa", None)] + [("topk", k) for k in args.topk]:
         module = accuracy.build_module(task, accuracy.Run(task, attention, k, 0), args.model)
         acc, f1, seconds = accuracy.evaluate(module, batches, device="cpu", deadline=float("inf"))
