@@ -118,7 +118,6 @@ class Plan:
 PLANS = {
     # 2 CPU cores: BoolQ in full for one epoch (measured: ~15 min of training per SDPA run, ~2 min per dev pass),
     # the targets' runs of both seeds first. Long-input BoolQ (~15x the tokens per example) only when asked for
-    # (--tasks boolq_long), on a subset.
     # (--tasks boolq_long or boolq_long_warm), on a subset: 320 long training questions took 1,658 s with SDPA and
     # 303 s with top-k k=64 (2026-12-06, 40 steps of 8 x 2,048 tokens), plus ~17 min for a missing first stage.
     "cpu": Plan(seeds=(0, 1), sizes={"boolq": (None, None), "boolq_long": (160, 160), "boolq_long_warm": (320, 400)},
