@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a borrowed GPU should measure, in one call of under 10 minutes, results in $OUT:
-#   1. the Triton kernels: CUDA tests, tile sweep (both forward layouts), layer / encoder / inference tables
-#      (benchmarks/cuda_check.sh with shorter limits, ~5 min);
+#   1. the Triton kernels: CUDA tests, tile sweep (the bound, buffer and stacks forward layouts), layer / encoder /
+#      inference tables (benchmarks/cuda_check.sh with shorter limits, ~6 min);
 #   2. task accuracy: benchmarks/accuracy.py's GPU plan for the time left (resumable: the committed
 #      benchmarks/results/accuracy.json is copied first, so finished runs are skipped and the next call goes on).
 # Needs only torch, triton, transformers and lightning. Prepare the model and data here, then carry them:
@@ -13,7 +13,7 @@ out="${OUT:-benchmarks/results/cuda}"
 mkdir -p "$out"
 start=$(date +%s)
 
-TEST_TIMEOUT="${TEST_TIMEOUT:-120}" TUNE_TIMEOUT="${TUNE_TIMEOUT:-90}" BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}" \
+TEST_TIMEOUT="${TEST_TIMEOUT:-120}" TUNE_TIMEOUT="${TUNE_TIMEOUT:-140}" BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}" \
     EXTRA_TIMEOUT="${EXTRA_TIMEOUT:-60}" OUT="$out" bash benchmarks/cuda_check.sh
 
 left=$(( ${SESSION_SECONDS:-560} - ($(date +%s) - start) ))

@@ -1,10 +1,11 @@
 """Try tile configurations of the Triton top-k forward kernel on this GPU and time forward and backward separately.
 
-Each configuration ``BLOCK_M,BLOCK_N,num_warps[,SEGMENT]`` is passed through TOPK_LIGHTNING_TRITON_FWD (the override that
-`topk_lightning.ops.triton_backend.forward_config` reads) and checked against the default configuration's output
-before it is timed (CUDA events, median). Prints a table; the fastest configuration is the one to make default.
+Each configuration ``BLOCK_M,BLOCK_N,num_warps[,SEGMENT[,layout]]`` is passed through TOPK_LIGHTNING_TRITON_FWD
+(the override that `topk_lightning.ops.triton_backend.forward_config` reads) and checked against the default
+configuration's output before it is timed (CUDA events, median). Prints a table; the fastest configuration is the
+one to make default.
 
-    python benchmarks/tune_triton.py --lengths 4096 32768 --configs 64,64,8,2,stacks 64,64,4,2,buffer
+    python benchmarks/tune_triton.py --lengths 4096 32768 --configs 64,64,8,2,bound 64,64,4,2,buffer
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--configs", nargs="+",
-                        default=["32,64,4,2,stacks", "64,64,8,4,stacks", "64,64,4,2,buffer", "64,64,8,2,buffer"],
+                        default=["64,64,8,2,bound", "64,64,4,2,bound", "64,64,4,2,buffer", "32,64,4,2,stacks"],
                         help="BLOCK_M,BLOCK_N,num_warps,SEGMENT[,layout] (see triton_backend.forward_config)")
     parser.add_argument("--best", type=Path, help="write the configuration fastest at the longest length here")
     parser.add_argument("--topk", type=int, default=64)

@@ -93,3 +93,27 @@ def test_tune_triton_at_small_size(tmp_path):
     out = _run("tune_triton.py", "--lengths", "256", "--configs", "32,32,4,2,buffer", "32,32,4,2,stacks",
                "--repeats", "1", "--best", str(tmp_path / "best.txt"), cwd=tmp_path)
     assert out.count("| 256 |") == 3 and "failed" not in out
+
+
+def _triton_sass_tools_present():
+    try:
+        import triton
+    except ImportError:
+        return False
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return all((tools / name).is_file() for name in ("ptxas", "cuobjdump", "nvdisasm"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _triton_sass_tools_present(), reason="needs the CUDA tools that ship in the triton wheel")
+def test_triton_sass_reads_the_forward_loops_without_a_gpu(tmp_path):
+    out = _run("triton_sass.py", "--configs", "buffer:4", "bound:8", "--markdown", str(tmp_path / "sass.md"),
+               cwd=tmp_path)
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "sass.md").read_text().splitlines()
+            if line.startswith("| buffer") or line.startswith("| bound")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("buffer", "4"), ("bound", "8")]
+    buffer_loops, bound_loops = (r[4].split(";") for r in rows)
+    # the buffer kernel has one key-block loop; the bound kernel two passes plus the buffer fallback's loop
+    assert len(buffer_loops) == 1 and len(bound_loops) == 3
+    assert all(0 < int(r[2]) <= 255 for r in rows)  # registers per thread
+    assert "| bound | 8 |" in out

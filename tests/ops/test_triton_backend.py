@@ -46,11 +46,33 @@ def test_fp64_outputs_and_gradients_equal_dense_topk(topk, causal, padded):
     _assert_close_to_reference(dict(topk=topk, causal=causal, key_padding_mask=mask), atol=1e-10)
 
 
+@pytest.mark.parametrize("layout", ["stacks", "bound"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_stacks_layout_equals_dense_topk(monkeypatch, causal):
-    # the default layout is "buffer" (measured on a GPU); "stacks" is selectable and must select the same keys
-    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "32,32,4,2,stacks")
+def test_other_forward_layouts_equal_dense_topk(monkeypatch, causal, layout):
+    # the default layout is "buffer" (measured on a GPU); the others are selectable and must select the same keys
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", f"32,32,4,2,{layout}")
     _assert_close_to_reference(dict(topk=5, causal=causal, key_padding_mask=_padding(2, 45)), atol=1e-10)
+
+
+@pytest.mark.parametrize("topk", [1, 16, 17])
+def test_bound_layout_with_ragged_tiles_and_topk_near_the_block(monkeypatch, topk):
+    # 16-key blocks: topk 16 fills both bound groups per lane, 17 > BLOCK_N takes the "buffer" layout instead;
+    # 70 queries and 200 keys leave partial tiles at both ends (rows past the queries get no candidates).
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "16,16,4,2,bound")
+    for causal in (False, True):
+        _assert_close_to_reference(dict(topk=topk, causal=causal, key_padding_mask=_padding(1, 200)), atol=1e-10,
+                                   batch=1, q_len=70, k_len=200)
+
+
+def test_bound_layout_redoes_a_tile_whose_stacks_overflow(monkeypatch):
+    # Equal keys make every score tie with the bound, so every key is a candidate: the stacks (CAND // BLOCK_N = 4
+    # deep here) overflow and the tile is redone through the candidate buffer, which keeps the lowest indices.
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "16,16,4,2,bound")
+    q = torch.randn(1, 1, 5, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device=DEVICE)
+    k = torch.ones(1, 1, 300, 8, dtype=torch.float64, device=DEVICE)
+    v = torch.randn(1, 1, 300, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64, device=DEVICE)
+    out = topk_attention(q, k, v, topk=7, backend="triton")
+    torch.testing.assert_close(out, v[:, :, :7].mean(2, keepdim=True).expand_as(out), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize(("q_len", "k_len"), [(1, 1), (3, 70), (70, 3), (65, 129)])
@@ -81,7 +103,7 @@ def test_half_precision_within_rounding_of_fp64(dtype):
         assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 2e-2
 
 
-@pytest.mark.parametrize("layout", ["stacks", "buffer"])
+@pytest.mark.parametrize("layout", ["stacks", "buffer", "bound"])
 def test_many_compactions_with_rising_scores_and_small_tiles(monkeypatch, layout):
     # Scores that rise along the keys make every key block beat the running threshold, so the candidate buffer
     # fills and is cut down again and again; 16-key blocks make that happen every few blocks. Both buffer
@@ -97,7 +119,7 @@ def test_many_compactions_with_rising_scores_and_small_tiles(monkeypatch, layout
     _assert_close_to_reference(dict(topk=7, causal=True), atol=1e-10, inputs=inputs)
 
 
-@pytest.mark.parametrize("layout", ["stacks", "buffer"])
+@pytest.mark.parametrize("layout", ["stacks", "buffer", "bound"])
 def test_ties_keep_the_lowest_key_indices(monkeypatch, layout):
     monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", f"16,16,4,2,{layout}")
     # Integer scores with many ties at the k-th place: the kernels keep the earliest keys among equals.
@@ -216,3 +238,14 @@ def test_backend_resolution_and_errors(monkeypatch):
 def test_auto_takes_triton_on_cuda():
     q, k, _ = _inputs(q_len=4, k_len=4)
     assert resolve_backend("auto", q, k, topk=2) == "triton"
+
+
+def test_forward_config_names_a_bad_layout_and_keeps_bound_to_small_topk(monkeypatch):
+    from topk_lightning.ops.triton_backend import forward_config
+
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "64,64,4,2,fastest")
+    with pytest.raises(ValueError, match="TOPK_LIGHTNING_TRITON_FWD.*'fastest'.*buffer, stacks, bound"):
+        forward_config(64, 64, torch.bfloat16)
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "64,64,8,2,bound")
+    assert forward_config(64, 64, torch.bfloat16)["layout"] == "bound"
+    assert forward_config(128, 64, torch.bfloat16)["layout"] == "buffer"  # the bound needs topk <= BLOCK_N

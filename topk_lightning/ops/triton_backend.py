@@ -2,7 +2,8 @@
 
 Forward: one persistent kernel. Each program takes tiles of query rows and streams over the keys once, computing
 scores with ``tl.dot`` and appending those above its running threshold to a small candidate buffer; the buffer is
-compacted to the exact top k whenever it fills (see `triton_kernels`). Scores never reach global memory.
+compacted to the exact top k whenever it fills (see `triton_kernels`; `forward_config` selects other layouts of
+this selection, among them a two-pass one). Scores never reach global memory.
 Saved for backward: the kept key indices (int32, -1 for empty slots) and each row's log-sum-exp: O(L * k).
 
 Backward: one kernel over query rows recomputes the kept probabilities, writes dQ, and adds dK/dV atomically
@@ -27,6 +28,7 @@ from topk_lightning.ops.torch_backend import compute_dtype
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 MAX_TOPK = 256
+FORWARD_LAYOUTS = ("buffer", "stacks", "bound")  # see forward_config
 # Resident programs of the forward kernel per streaming multiprocessor (registers allow two; more queue up).
 PROGRAMS_PER_SM = int(os.environ.get("TOPK_LIGHTNING_TRITON_PROGRAMS_PER_SM", "2"))
 # fp32 dK/dV accumulators for half-precision inputs are filled this many bytes at a time (a group of kv heads).
@@ -67,12 +69,17 @@ def forward_config(topk: int, head_dim: int, dtype: torch.dtype) -> dict:
     another one are cut to their TOPK largest entries. ``layout`` "stacks" (`topk_forward_stacks_kernel`) gives
     every (row, lane) of a score tile its own stack of DEPTH slots: deep enough for the kept entries spread over
     the lanes plus a segment, with room so that cuts are rare once the threshold is high. ``layout`` "buffer"
-    (`topk_forward_kernel`) appends to one CAND-slot buffer per row through a prefix sum.
+    (`topk_forward_kernel`) appends to one CAND-slot buffer per row through a prefix sum. ``layout`` "bound"
+    (`topk_forward_bound_kernel`) first finds a lower bound of each row's k-th score in a pass that stores nothing,
+    then appends only scores above it to CAND // BLOCK_N-deep stacks, never cutting in the hot loop; it needs
+    topk <= BLOCK_N for a tight bound, so a larger topk takes the "buffer" layout.
     """
     # The default is the configuration measured fastest on an H200 (benchmarks/tune_triton.py, 2026-11-30:
     # benchmarks/results/attention_cuda.md). The "stacks" layout compiles without register spills for D <= 128
     # (ptxas) and passes the interpreter tests, but has not yet run on a GPU: select it with
     # TOPK_LIGHTNING_TRITON_FWD=64,64,8,2,stacks (BLOCK_N 32 for D > 64) and measure before relying on it.
+    # Likewise "bound" (TOPK_LIGHTNING_TRITON_FWD=64,64,8,2,bound): 0.6x the buffer kernel's SASS instructions per
+    # key block for sm_90 (benchmarks/triton_sass.py), no timing yet; benchmarks/tune_triton.py tries it first.
     config = {"BLOCK_M": 64, "BLOCK_N": 64 if head_dim <= 128 else 32, "num_warps": 4, "num_stages": 3,
               "SEGMENT": 2, "layout": "buffer"}
     override = os.environ.get("TOPK_LIGHTNING_TRITON_FWD")  # "BLOCK_M,BLOCK_N,num_warps,SEGMENT[,layout]"
@@ -81,9 +88,39 @@ def forward_config(topk: int, head_dim: int, dtype: torch.dtype) -> dict:
         config.update(zip(("BLOCK_M", "BLOCK_N", "num_warps", "SEGMENT"), (int(x) for x in fields[:4])))
         if len(fields) > 4:
             config["layout"] = fields[4]
+    if config["layout"] not in FORWARD_LAYOUTS:
+        raise ValueError(f"TOPK_LIGHTNING_TRITON_FWD={override!r}: layout {config['layout']!r} is not one of "
+                         f"{', '.join(FORWARD_LAYOUTS)}")
+    if config["layout"] == "bound" and topk > config["BLOCK_N"]:
+        config["layout"] = "buffer"
     config["DEPTH"] = -(-topk // config["BLOCK_N"]) + config["SEGMENT"] + 5
     config["CAND"] = _next_power_of_2(4 * topk + config["SEGMENT"] * config["BLOCK_N"])
+    config["CAND_C"] = _next_power_of_2(4 * topk)  # "bound": a row's candidates after pass 2, ~1.4 topk typically
     return config
+
+
+FORWARD_KERNELS = {"buffer": "topk_forward_kernel", "stacks": "topk_forward_stacks_kernel",
+                   "bound": "topk_forward_bound_kernel"}  # layout -> kernel in `triton_kernels`
+
+
+def forward_constants(config: dict, topk: int, head_dim: int, dtype: torch.dtype, *, causal: bool, has_pad: bool,
+                      on_cuda: bool) -> dict:
+    """Compile-time arguments (and num_warps / num_stages) of the forward kernel of ``config["layout"]``."""
+    constants = dict(
+        TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_M=config["BLOCK_M"],
+        BLOCK_N=config["BLOCK_N"], SEGMENT=config["SEGMENT"], HAS_PAD=has_pad, CAUSAL=causal,
+        KEY_BITS=64 if dtype == torch.float64 else 32, IEEE=dtype in (torch.float32, torch.float64),
+        DOT_UPCAST=not on_cuda and dtype == torch.bfloat16,  # the interpreter multiplies bf16 tiles wrongly
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    if config["layout"] == "bound":
+        constants.update(DEPTH=config["CAND"] // config["BLOCK_N"], CAND_C=config["CAND_C"],
+                         GROUP=config["num_warps"], INLINE_PTX=on_cuda and dtype != torch.float64)
+    elif config["layout"] == "stacks":
+        constants.update(DEPTH=config["DEPTH"])
+    else:
+        constants.update(CAND=config["CAND"], GROUP=config["num_warps"])
+    return constants
 
 
 def gather_config(topk: int, head_dim: int) -> dict:
@@ -126,23 +163,29 @@ class TritonTopKAttention(torch.autograd.Function):
                 programs = min(num_tiles, 2)
             has_pad = key_padding_mask is not None and not bool(key_padding_mask.all())
             pad = key_padding_mask.to(torch.uint8) if has_pad else kept_index
-            common = dict(
-                TOPK=k, HEAD_DIM=head_dim, BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_M=block_m,
-                BLOCK_N=config["BLOCK_N"], SEGMENT=config["SEGMENT"], HAS_PAD=has_pad, CAUSAL=bool(causal),
-                KEY_BITS=64 if query.dtype == torch.float64 else 32,
-                IEEE=query.dtype in (torch.float32, torch.float64),
-                DOT_UPCAST=query.device.type != "cuda" and query.dtype == torch.bfloat16,
-                num_warps=config["num_warps"], num_stages=config["num_stages"],
-            )
+            constants = forward_constants(config, k, head_dim, query.dtype, causal=bool(causal), has_pad=has_pad,
+                                          on_cuda=query.device.type == "cuda")
             shape_args = (*_strides(query), *_strides(key), *(_strides(pad) if has_pad else (0, 0)),
                           heads, heads // kv_heads, q_len, k_len, row_blocks, num_tiles, k_len - q_len)
-            if config["layout"] == "stacks":
+            if config["layout"] == "bound":
+                slots = programs * block_m * config["CAND"]
+                buffer_val = torch.empty(slots, dtype=score_dtype, device=query.device)
+                buffer_idx = torch.empty(slots, dtype=torch.int32, device=query.device)
+                scratch_count = torch.empty(programs * block_m, dtype=torch.int32, device=query.device)
+                scratch_thresh = torch.empty(programs * block_m, dtype=score_dtype, device=query.device)
+                counts = torch.empty(programs * block_m * config["BLOCK_N"], dtype=torch.int32, device=query.device)
+                small_val = torch.empty(programs * block_m * config["CAND_C"], dtype=score_dtype, device=query.device)
+                small_idx = torch.empty(programs * block_m * config["CAND_C"], dtype=torch.int32, device=query.device)
+                kernels.topk_forward_bound_kernel[(programs,)](
+                    query, key, pad, kept_index, lse, buffer_val, buffer_idx, scratch_count, scratch_thresh,
+                    counts, small_val, small_idx, params, *shape_args, **constants,
+                )
+            elif config["layout"] == "stacks":
                 slots = programs * config["DEPTH"] * block_m * config["BLOCK_N"]
                 buffer_val = torch.empty(slots, dtype=score_dtype, device=query.device)
                 buffer_idx = torch.empty(slots, dtype=torch.int32, device=query.device)
                 kernels.topk_forward_stacks_kernel[(programs,)](
-                    query, key, pad, kept_index, lse, buffer_val, buffer_idx, params, *shape_args,
-                    DEPTH=config["DEPTH"], **common,
+                    query, key, pad, kept_index, lse, buffer_val, buffer_idx, params, *shape_args, **constants,
                 )
             else:
                 slots = programs * block_m * config["CAND"]
@@ -152,7 +195,7 @@ class TritonTopKAttention(torch.autograd.Function):
                 scratch_thresh = torch.empty(programs * block_m, dtype=score_dtype, device=query.device)
                 kernels.topk_forward_kernel[(programs,)](
                     query, key, pad, kept_index, lse, scratch_val, scratch_idx, scratch_count, scratch_thresh,
-                    params, *shape_args, CAND=config["CAND"], GROUP=config["num_warps"], **common,
+                    params, *shape_args, **constants,
                 )
             rows_config = gather_config(k, head_dim)
             kernels.topk_output_kernel[(triton_cdiv(q_len, rows_config["BLOCK_R"]), batch * heads)](

@@ -13,6 +13,12 @@ The threshold only ever rises to the k-th largest score seen so far, so an entry
 final top k: the result is exactly the top-k of each row (ties broken towards the lower key index). Selection is
 by bisection over the scores' bit patterns (order-preserving integer keys), which needs no sort.
 
+Two other layouts of the same selection are selectable (`triton_backend.forward_config`): column stacks
+(`topk_forward_stacks_kernel`) and the two-pass `topk_forward_bound_kernel`, which first bounds each row's k-th
+score from below in a pass that only keeps maxima, then appends the few scores above the bound with plain stores
+in the tensor-core layout (no prefix sum, no cut in the loop). Compiled for sm_90 its two passes issue about 0.6x
+the instructions per key block of the buffer kernel's one (`benchmarks/triton_sass.py`); it has not run on a GPU.
+
 Output (`topk_output_kernel`) and backward (`topk_backward_kernel`), one program per ``BLOCK_R`` query rows:
 recompute p_j = exp(q . k[idx_j] * scale - lse) for the kept entries only; the output is sum_j p_j v[idx_j];
 backward forms dS, stores dQ and adds dK, dV atomically (or writes dS out for a deterministic reduction).
@@ -115,9 +121,11 @@ def _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, 
 def _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, scale, k_len, causal_offset,
                 stride_kn, stride_kd, stride_pb, stride_pn,
                 HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                SCORE_DTYPE: tl.constexpr):
+                SCORE_DTYPE: tl.constexpr, INCLUSIVE: tl.constexpr = False, COMPARE: tl.constexpr = True,
+                ROW_MASK: tl.constexpr = True):
     """Scaled scores of a (BLOCK_M, BLOCK_N) tile against keys ``cols``, and which of them to append: above the
-    row's threshold, on a real row and key, not padding, not in the causal future."""
+    row's threshold (or equal to it, INCLUSIVE; any score without COMPARE), on a real row and key, not padding, not
+    in the causal future (rows past the queries are masked unless not ROW_MASK)."""
     col_ok = cols < k_len
     k_t = tl.load(
         k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
@@ -130,13 +138,85 @@ def _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, 
     else:
         scores = tl.dot(q, k_t, out_dtype=SCORE_DTYPE)
     scores = scores * scale
-    take = (scores > threshold[:, None]) & col_ok[None, :]
+    if not COMPARE:
+        take = col_ok[None, :]  # broadcast to the tile by the row mask below
+    elif INCLUSIVE:
+        take = (scores >= threshold[:, None]) & col_ok[None, :]
+    else:
+        take = (scores > threshold[:, None]) & col_ok[None, :]
     if HAS_PAD:
         pad = tl.load(PAD + b * stride_pb + cols * stride_pn, mask=col_ok, other=0)
         take = take & (pad != 0)[None, :]
     if CAUSAL:
         take = take & (cols[None, :] <= rows[:, None] + causal_offset)
-    return scores, take & row_ok[:, None]
+    if ROW_MASK:
+        take = take & row_ok[:, None]
+    return scores, take
+
+
+@triton.jit
+def _select_tile_buffered(q, k_base, PAD, IDX, LSE, SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH,
+                          b, bh, rows, row_ok, buffer_first, row_first, key_end, dims, dim_ok, scale,
+                          q_len, k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                          TOPK: tl.constexpr, CAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SEGMENT: tl.constexpr, GROUP: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                          KEY_BITS: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                          SCORE_DTYPE: tl.constexpr):
+    """One tile of BLOCK_M query rows through the candidate buffer (rows ``buffer_first`` ... of SCRATCH_*, CAND
+    slots each), from a threshold of -inf: the kept key indices go to IDX and the log-sum-exp to LSE."""
+    buffer_rows = buffer_first + tl.arange(0, BLOCK_M)
+    keys_in_block = tl.arange(0, BLOCK_N)
+    group_rows = tl.arange(0, GROUP)
+    slots = tl.arange(0, CAND)
+    count = tl.zeros([BLOCK_M], dtype=tl.int32)
+    threshold = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
+    # Keys in segments of SEGMENT blocks: within one the loop only appends (no branches, so loads pipeline);
+    # between segments, rows whose buffer could not take another segment are selected down to TOPK.
+    for segment in range(0, key_end, SEGMENT * BLOCK_N):
+        for start in range(segment, tl.minimum(segment + SEGMENT * BLOCK_N, key_end), BLOCK_N):
+            cols = start + keys_in_block
+            scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, scale,
+                                       k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                                       HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE)
+            position = count[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
+            target = buffer_rows[:, None] * CAND + position  # int32: the buffers hold far fewer than 2**31
+            tl.store(SCRATCH_VAL + target, scores, mask=take)
+            tl.store(SCRATCH_IDX + target, cols[None, :] + position * 0, mask=take)
+            count += tl.sum(take.to(tl.int32), axis=1)
+        if tl.max(count, axis=0) > CAND - SEGMENT * BLOCK_N:
+            tl.store(SCRATCH_COUNT + buffer_rows, count)
+            tl.debug_barrier()
+            for first in range(0, BLOCK_M, GROUP):
+                _select_group(SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH,
+                              buffer_first + first + group_rows, slots, TOPK, KEY_BITS)
+            tl.debug_barrier()
+            count = tl.load(SCRATCH_COUNT + buffer_rows)
+            threshold = tl.load(SCRATCH_THRESH + buffer_rows)
+
+    # Final selection, GROUP rows at a time: kept indices and the log-sum-exp of their scores.
+    tl.store(SCRATCH_COUNT + buffer_rows, count)
+    tl.debug_barrier()
+    for first in range(0, BLOCK_M, GROUP):
+        rows_g = row_first + first + group_rows
+        values, index, keep, position, kept = _select_group(
+            SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH, buffer_first + first + group_rows,
+            slots, TOPK, KEY_BITS,
+        )
+        _write_kept(IDX, LSE, values, index, keep, position, kept, rows_g, bh, q_len, TOPK)
+
+
+@triton.jit
+def _write_kept(IDX, LSE, values, index, keep, position, kept, rows, bh, q_len, TOPK: tl.constexpr):
+    """Store what `_select_group` kept for query ``rows``: key indices to IDX, log-sum-exp of the scores to LSE."""
+    # Rows with nothing to attend (kept 0) get lse = -inf and no kept entries: zeros, never NaN.
+    row_max = tl.where(kept > 0, tl.max(tl.where(keep, values, float("-inf")), axis=1), 0.0)
+    total = tl.sum(tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - row_max[:, None]), 0.0), axis=1)
+    lse = tl.where(kept > 0, row_max + tl.log(tl.where(kept > 0, total, 1.0)), float("-inf"))
+    rows_ok = rows < q_len
+    row_slots = (bh * q_len + rows).to(tl.int64)
+    tl.store(LSE + row_slots, lse, mask=rows_ok)
+    # Slots past a row's count keep the -1 the caller filled IDX with.
+    tl.store(IDX + row_slots[:, None] * TOPK + position, index, mask=keep & rows_ok[:, None])
 
 
 @triton.jit
@@ -166,10 +246,6 @@ def topk_forward_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     local = tl.arange(0, BLOCK_M)
-    slots = tl.arange(0, CAND)
-    keys_in_block = tl.arange(0, BLOCK_N)
-    group_rows = tl.arange(0, GROUP)
-    buffer_rows = pid * BLOCK_M + local  # this program's rows of the scratch buffers, reused tile after tile
 
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         bh = tile // row_blocks
@@ -182,52 +258,14 @@ def topk_forward_kernel(
         q = _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, stride_qm, stride_qd,
                              DOT_UPCAST)
         k_base = K + b * stride_kb + kv * stride_kh
-        count = tl.zeros([BLOCK_M], dtype=tl.int32)
-        threshold = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
         key_end = k_len
         if CAUSAL:
             key_end = tl.minimum(k_len, row_block * BLOCK_M + BLOCK_M + causal_offset)
-        # Keys in segments of SEGMENT blocks: within one the loop only appends (no branches, so loads pipeline);
-        # between segments, rows whose buffer could not take another segment are selected down to TOPK.
-        for segment in range(0, key_end, SEGMENT * BLOCK_N):
-            for start in range(segment, tl.minimum(segment + SEGMENT * BLOCK_N, key_end), BLOCK_N):
-                cols = start + keys_in_block
-                scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, scale,
-                                           k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
-                                           HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE)
-                position = count[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
-                target = buffer_rows[:, None] * CAND + position  # int32: the buffers hold far fewer than 2**31
-                tl.store(SCRATCH_VAL + target, scores, mask=take)
-                tl.store(SCRATCH_IDX + target, cols[None, :] + position * 0, mask=take)
-                count += tl.sum(take.to(tl.int32), axis=1)
-            if tl.max(count, axis=0) > CAND - SEGMENT * BLOCK_N:
-                tl.store(SCRATCH_COUNT + buffer_rows, count)
-                tl.debug_barrier()
-                for first in range(0, BLOCK_M, GROUP):
-                    _select_group(SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH,
-                                  pid * BLOCK_M + first + group_rows, slots, TOPK, KEY_BITS)
-                tl.debug_barrier()
-                count = tl.load(SCRATCH_COUNT + buffer_rows)
-                threshold = tl.load(SCRATCH_THRESH + buffer_rows)
-
-        # Final selection, GROUP rows at a time: kept indices and the log-sum-exp of their scores.
-        tl.store(SCRATCH_COUNT + buffer_rows, count)
-        tl.debug_barrier()
-        for first in range(0, BLOCK_M, GROUP):
-            rows_g = row_block * BLOCK_M + first + group_rows
-            values, index, keep, position, kept = _select_group(
-                SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH, pid * BLOCK_M + first + group_rows,
-                slots, TOPK, KEY_BITS,
-            )
-            # Rows with nothing to attend (kept 0) get lse = -inf and no kept entries: zeros, never NaN.
-            row_max = tl.where(kept > 0, tl.max(tl.where(keep, values, float("-inf")), axis=1), 0.0)
-            total = tl.sum(tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - row_max[:, None]), 0.0), axis=1)
-            lse = tl.where(kept > 0, row_max + tl.log(tl.where(kept > 0, total, 1.0)), float("-inf"))
-            rows_g_ok = rows_g < q_len
-            row_slots = (bh * q_len + rows_g).to(tl.int64)
-            tl.store(LSE + row_slots, lse, mask=rows_g_ok)
-            # Slots past a row's count keep the -1 the caller filled IDX with.
-            tl.store(IDX + row_slots[:, None] * TOPK + position, index, mask=keep & rows_g_ok[:, None])
+        _select_tile_buffered(q, k_base, PAD, IDX, LSE, SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH,
+                              b, bh, rows, row_ok, pid * BLOCK_M, row_block * BLOCK_M, key_end, dims, dim_ok, scale,
+                              q_len, k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                              TOPK, CAND, BLOCK_M, BLOCK_N, SEGMENT, GROUP, HAS_PAD, CAUSAL, KEY_BITS, IEEE,
+                              DOT_UPCAST, SCORE_DTYPE)
         tl.debug_barrier()  # the buffer is reused by the next tile
 
 
@@ -283,6 +321,45 @@ def _stack_counts(VAL, IDX_BUF, base, tile, count, DEPTH: tl.constexpr, SLICE: t
             cut = tl.where(below < room, candidate, cut)
         index_cut = tl.where(tied > room, cut, index_cut)
     return answer, index_cut, full
+
+
+@triton.jit
+def _emit_from_stacks(BUF_VAL, BUF_IDX, IDX, LSE, base, tile, count, bh, q_len, rows, row_ok,
+                      DEPTH: tl.constexpr, SLICE: tl.constexpr, KEY_BITS: tl.constexpr, TOPK: tl.constexpr,
+                      SCORE_DTYPE: tl.constexpr):
+    """Final selection from the column stacks (``count`` entries each): the TOPK largest of every row, their key
+    indices to IDX in (depth, lane) order and the log-sum-exp of their scores to LSE."""
+    tl.debug_barrier()
+    kth, index_cut, full = _stack_counts(BUF_VAL, BUF_IDX, base, tile, count, DEPTH, SLICE,
+                                         KEY_BITS, TOPK)
+    row_max = tl.full([rows.shape[0]], float("-inf"), SCORE_DTYPE)
+    for d in range(0, DEPTH):
+        valid = d < count
+        values = tl.load(BUF_VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
+        index = tl.load(BUF_IDX + base + d * SLICE + tile, mask=valid, other=0)
+        keys = _order_keys(values, KEY_BITS)
+        keep = valid & ((keys > kth[:, None]) | ((keys == kth[:, None]) & (index <= index_cut[:, None])))
+        keep = tl.where(full[:, None], keep, valid)
+        row_max = tl.maximum(row_max, tl.max(tl.where(keep, values, float("-inf")), axis=1))
+    kept = tl.zeros([rows.shape[0]], dtype=tl.int32)
+    total = tl.zeros([rows.shape[0]], dtype=SCORE_DTYPE)
+    safe_max = tl.where(row_max > float("-inf"), row_max, 0.0)
+    row_slots = (bh * q_len + rows).to(tl.int64)
+    for d in range(0, DEPTH):
+        valid = d < count
+        values = tl.load(BUF_VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
+        index = tl.load(BUF_IDX + base + d * SLICE + tile, mask=valid, other=0)
+        keys = _order_keys(values, KEY_BITS)
+        keep = valid & ((keys > kth[:, None]) | ((keys == kth[:, None]) & (index <= index_cut[:, None])))
+        keep = tl.where(full[:, None], keep, valid)
+        position = kept[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+        kept += tl.sum(keep.to(tl.int32), axis=1)
+        total += tl.sum(tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - safe_max[:, None]), 0.0), axis=1)
+        # Slots past a row's count keep the -1 the caller filled IDX with.
+        tl.store(IDX + row_slots[:, None] * TOPK + position, index, mask=keep & row_ok[:, None])
+    # Rows with nothing to attend (kept 0) get lse = -inf and no kept entries: zeros, never NaN.
+    lse = tl.where(kept > 0, safe_max + tl.log(tl.where(kept > 0, total, 1.0)), float("-inf"))
+    tl.store(LSE + row_slots, lse, mask=row_ok)
 
 
 @triton.jit
@@ -367,37 +444,178 @@ def topk_forward_stacks_kernel(
                 threshold = tl.where(full, _key_to_value(kth, KEY_BITS), threshold).to(SCORE_DTYPE)
 
         # Final selection: the kept key indices, in (depth, lane) order, and the log-sum-exp of their scores.
+        _emit_from_stacks(BUF_VAL, BUF_IDX, IDX, LSE, base, tile, count, bh, q_len, rows, row_ok,
+                          DEPTH, SLICE, KEY_BITS, TOPK, SCORE_DTYPE)
+        tl.debug_barrier()  # the stacks are reused by the next tile
+
+
+@triton.jit
+def _append_in_place(VAL, IDX_BUF, slot, values, index, mask, INLINE_PTX: tl.constexpr):
+    """``VAL[slot] = values; IDX_BUF[slot] = index`` where ``mask``. On CUDA (32-bit values) as predicated PTX stores
+    in the layout the values already have: `tl.store` would first move a score tile from the tensor-core layout to
+    a store layout through shared memory, which costs more than the rest of an append (sm_90 SASS)."""
+    if INLINE_PTX:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $5, 0; @p st.global.b32 [$1], $3; @p st.global.b32 [$2], $4; "
+            "mov.b32 $0, 0; }",
+            "=r,l,l,r,r,r",
+            [(VAL + slot).to(tl.int64, bitcast=True), (IDX_BUF + slot).to(tl.int64, bitcast=True),
+             values.to(tl.int32, bitcast=True), index, mask.to(tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )
+    else:
+        tl.store(VAL + slot, values, mask=mask)
+        tl.store(IDX_BUF + slot, index, mask=mask)
+
+
+@triton.jit
+def _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, scale, k_len, causal_offset,
+                     stride_kn, stride_kd, stride_pb, stride_pn,
+                     TOPK: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                     KEY_BITS: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                     SCORE_DTYPE: tl.constexpr):
+    """A lower bound of every row's TOPK-th largest score, from one pass over QK^T that stores nothing.
+
+    Keys fall into 2 * BLOCK_N disjoint groups (lane of the key block x parity of the block) and the pass keeps each
+    group's maximum. TOPK groups whose maxima are >= t hold TOPK distinct scores >= t, so the TOPK-th largest group
+    maximum never exceeds the TOPK-th largest score. With twice as many groups as TOPK (BLOCK_N >= TOPK) the bound
+    is tight: about 1.4 TOPK scores per row reach it on Gaussian scores, against about 4.5 TOPK with TOPK groups.
+    Rows with fewer than TOPK non-empty groups get -inf, rows past the queries +inf (nothing to append).
+    """
+    lanes = tl.arange(0, BLOCK_N)
+    no_threshold = tl.zeros([rows.shape[0]], SCORE_DTYPE)  # not compared
+    even = tl.full([rows.shape[0], BLOCK_N], float("-inf"), SCORE_DTYPE)
+    odd = tl.full([rows.shape[0], BLOCK_N], float("-inf"), SCORE_DTYPE)
+    for start in range(0, key_end, 2 * BLOCK_N):
+        scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, start + lanes, dims, dim_ok, no_threshold,
+                                   scale, k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                                   HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE, False, False)
+        even = tl.maximum(even, tl.where(take, scores, float("-inf")))  # keys past key_end: masked by take
+        scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, start + BLOCK_N + lanes, dims, dim_ok,
+                                   no_threshold, scale, k_len, causal_offset, stride_kn, stride_kd, stride_pb,
+                                   stride_pn, HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE, False, False)
+        odd = tl.maximum(odd, tl.where(take, scores, float("-inf")))
+    maxima = tl.reshape(tl.join(even, odd), (rows.shape[0], 2 * BLOCK_N))
+    present = maxima > float("-inf")
+    kth = _kth_largest_key(_order_keys(maxima, KEY_BITS), present, TOPK, KEY_BITS)
+    enough = tl.sum(present.to(tl.int32), axis=1) >= TOPK
+    bound = tl.where(enough, _key_to_value(kth, KEY_BITS), float("-inf"))
+    return tl.where(row_ok, bound, float("inf")).to(SCORE_DTYPE)
+
+
+@triton.jit
+def _emit_compacted(BUF_VAL, BUF_IDX, COUNTS, SMALL_VAL, SMALL_IDX, SMALL_COUNT, SMALL_THRESH, IDX, LSE,
+                    base, count, pid, bh, q_len, row_first,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEPTH: tl.constexpr, CAND_C: tl.constexpr,
+                    GROUP: tl.constexpr, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Final selection of the bound kernel, GROUP rows at a time: each row's stack entries (a few times TOPK of its
+    DEPTH * BLOCK_N slots) are packed into CAND_C slots (the caller checked they fit) and `_select_group` ranks
+    them there, so the bisection runs over CAND_C slots instead of all DEPTH * BLOCK_N."""
+    SLICE: tl.constexpr = BLOCK_M * BLOCK_N
+    local = tl.arange(0, BLOCK_M)
+    lanes = tl.arange(0, BLOCK_N)
+    counts_base = pid * SLICE
+    tl.store(COUNTS + counts_base + local[:, None] * BLOCK_N + lanes[None, :], count)
+    tl.debug_barrier()  # counts and stack entries of every thread are visible to the group loads
+    group_rows = tl.arange(0, GROUP)
+    slots = tl.arange(0, DEPTH * BLOCK_N)
+    small = tl.arange(0, CAND_C)
+    lane = slots % BLOCK_N
+    depth = slots // BLOCK_N
+    for first in range(0, BLOCK_M, GROUP):
+        r = first + group_rows
+        held = tl.load(COUNTS + counts_base + r[:, None] * BLOCK_N + lane[None, :])
+        valid = depth[None, :] < held
+        offsets = base + depth[None, :] * SLICE + r[:, None] * BLOCK_N + lane[None, :]
+        values = tl.load(BUF_VAL + offsets, mask=valid, other=float("-inf"))
+        index = tl.load(BUF_IDX + offsets, mask=valid, other=0)
+        position = tl.cumsum(valid.to(tl.int32), axis=1) - 1
+        small_rows = pid * BLOCK_M + r
+        target = small_rows[:, None] * CAND_C + position
+        tl.store(SMALL_VAL + target, values, mask=valid)
+        tl.store(SMALL_IDX + target, index, mask=valid)
+        tl.store(SMALL_COUNT + small_rows, tl.sum(valid.to(tl.int32), axis=1))
         tl.debug_barrier()
-        kth, index_cut, full = _stack_counts(BUF_VAL, BUF_IDX, base, tile, count, DEPTH, SLICE,
-                                             KEY_BITS, TOPK)
-        row_max = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
-        for d in range(0, DEPTH):
-            valid = d < count
-            values = tl.load(BUF_VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
-            index = tl.load(BUF_IDX + base + d * SLICE + tile, mask=valid, other=0)
-            keys = _order_keys(values, KEY_BITS)
-            keep = valid & ((keys > kth[:, None]) | ((keys == kth[:, None]) & (index <= index_cut[:, None])))
-            keep = tl.where(full[:, None], keep, valid)
-            row_max = tl.maximum(row_max, tl.max(tl.where(keep, values, float("-inf")), axis=1))
-        kept = tl.zeros([BLOCK_M], dtype=tl.int32)
-        total = tl.zeros([BLOCK_M], dtype=SCORE_DTYPE)
-        safe_max = tl.where(row_max > float("-inf"), row_max, 0.0)
-        row_slots = (bh * q_len + rows).to(tl.int64)
-        for d in range(0, DEPTH):
-            valid = d < count
-            values = tl.load(BUF_VAL + base + d * SLICE + tile, mask=valid, other=float("-inf"))
-            index = tl.load(BUF_IDX + base + d * SLICE + tile, mask=valid, other=0)
-            keys = _order_keys(values, KEY_BITS)
-            keep = valid & ((keys > kth[:, None]) | ((keys == kth[:, None]) & (index <= index_cut[:, None])))
-            keep = tl.where(full[:, None], keep, valid)
-            position = kept[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
-            kept += tl.sum(keep.to(tl.int32), axis=1)
-            total += tl.sum(tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - safe_max[:, None]), 0.0), axis=1)
-            # Slots past a row's count keep the -1 the caller filled IDX with.
-            tl.store(IDX + row_slots[:, None] * TOPK + position, index, mask=keep & row_ok[:, None])
-        # Rows with nothing to attend (kept 0) get lse = -inf and no kept entries: zeros, never NaN.
-        lse = tl.where(kept > 0, safe_max + tl.log(tl.where(kept > 0, total, 1.0)), float("-inf"))
-        tl.store(LSE + row_slots, lse, mask=row_ok)
+        values, index, keep, position, kept = _select_group(SMALL_VAL, SMALL_IDX, SMALL_COUNT, SMALL_THRESH,
+                                                            small_rows, small, TOPK, KEY_BITS)
+        _write_kept(IDX, LSE, values, index, keep, position, kept, row_first + r, bh, q_len, TOPK)
+
+
+@triton.jit
+def topk_forward_bound_kernel(
+    Q, K, PAD, IDX, LSE, BUF_VAL, BUF_IDX, SCRATCH_COUNT, SCRATCH_THRESH, COUNTS, SMALL_VAL, SMALL_IDX, PARAMS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_pb, stride_pn,
+    heads, group, q_len, k_len, row_blocks, num_tiles, causal_offset,
+    TOPK: tl.constexpr, DEPTH: tl.constexpr, CAND_C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENT: tl.constexpr, GROUP: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    KEY_BITS: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr, INLINE_PTX: tl.constexpr,
+):
+    """Selection, like `topk_forward_kernel`, in two passes over QK^T per tile so that the hot loop never cuts.
+
+    Pass 1 (`_row_lower_bound`) finds a threshold at or below each row's TOPK-th score. Pass 2 appends the scores
+    >= threshold to column stacks of DEPTH slots (as `topk_forward_stacks_kernel`: an elementwise store in the score
+    layout, no prefix sum, no branch) and `_emit_compacted` ranks the few candidates left (CAND_C slots per row in
+    SMALL_*; COUNTS holds the (BLOCK_M, BLOCK_N) stack heights of each program). A tile whose stacks overflow, or
+    with a row of more than CAND_C candidates (many equal scores, keys masked into few groups), is redone through
+    the candidate buffer (`_select_tile_buffered`, the stacks' memory viewed as DEPTH * BLOCK_N slots per row):
+    exact either way.
+    """
+    SCORE_DTYPE = BUF_VAL.dtype.element_ty
+    SLICE: tl.constexpr = BLOCK_M * BLOCK_N
+    CAND: tl.constexpr = DEPTH * BLOCK_N
+    scale = tl.load(PARAMS)
+    pid = tl.program_id(0)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    local = tl.arange(0, BLOCK_M)
+    lanes = tl.arange(0, BLOCK_N)
+    tile = local[:, None] * BLOCK_N + lanes[None, :]
+    base = pid * (DEPTH * SLICE)
+
+    for tile_id in range(pid, num_tiles, tl.num_programs(0)):
+        bh = tile_id // row_blocks
+        row_block = tile_id % row_blocks
+        b = bh // heads
+        h = bh % heads
+        kv = h // group
+        rows = row_block * BLOCK_M + local
+        row_ok = rows < q_len
+        q = _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, stride_qm, stride_qd,
+                             DOT_UPCAST)
+        k_base = K + b * stride_kb + kv * stride_kh
+        key_end = k_len
+        if CAUSAL:
+            key_end = tl.minimum(k_len, row_block * BLOCK_M + BLOCK_M + causal_offset)
+        threshold = _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, scale, k_len,
+                                     causal_offset, stride_kn, stride_kd, stride_pb, stride_pn, TOPK, BLOCK_N,
+                                     HAS_PAD, CAUSAL, KEY_BITS, IEEE, DOT_UPCAST, SCORE_DTYPE)
+        count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for start in range(0, key_end, BLOCK_N):
+            cols = start + lanes
+            scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, scale,
+                                       k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                                       HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE, True, True, False)
+            # Past DEPTH an entry overwrites the stack's last slot: the tile is then redone below anyway.
+            slot = base + tl.minimum(count, DEPTH - 1) * SLICE + tile
+            _append_in_place(BUF_VAL, BUF_IDX, slot, scores, tl.broadcast_to(cols[None, :], scores.shape), take,
+                             INLINE_PTX)
+            count += take.to(tl.int32)
+        deepest = tl.max(tl.max(count, axis=1), axis=0)
+        most = tl.max(tl.sum(count, axis=1), axis=0)
+        if (deepest <= DEPTH) & (most <= CAND_C):
+            _emit_compacted(BUF_VAL, BUF_IDX, COUNTS, SMALL_VAL, SMALL_IDX, SCRATCH_COUNT, SCRATCH_THRESH, IDX, LSE,
+                            base, count, pid, bh, q_len, row_block * BLOCK_M, BLOCK_M, BLOCK_N, DEPTH, CAND_C, GROUP,
+                            TOPK, KEY_BITS)
+        else:
+            tl.debug_barrier()  # every stack entry is written before the buffer path reuses the memory
+            _select_tile_buffered(q, k_base, PAD, IDX, LSE, BUF_VAL, BUF_IDX, SCRATCH_COUNT, SCRATCH_THRESH,
+                                  b, bh, rows, row_ok, pid * BLOCK_M, row_block * BLOCK_M, key_end, dims, dim_ok,
+                                  scale, q_len, k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                                  TOPK, CAND, BLOCK_M, BLOCK_N, SEGMENT, GROUP, HAS_PAD, CAUSAL, KEY_BITS, IEEE,
+                                  DOT_UPCAST, SCORE_DTYPE)
         tl.debug_barrier()  # the stacks are reused by the next tile
 
 
