@@ -118,6 +118,27 @@ def _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, 
 
 
 @triton.jit
+def _open_tile(tile, Q, K, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
+               stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
+               BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Tile number -> (batch x head, row block, batch, its query rows and which are real, the query tile, the base
+    of its kv head's keys, and the end of the keys it can see)."""
+    bh = tile // row_blocks
+    row_block = tile % row_blocks
+    b = bh // heads
+    h = bh % heads
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    q = _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, stride_qm, stride_qd,
+                         DOT_UPCAST)
+    k_base = K + b * stride_kb + (h // group) * stride_kh
+    key_end = k_len
+    if CAUSAL:
+        key_end = tl.minimum(k_len, row_block * BLOCK_M + BLOCK_M + causal_offset)
+    return bh, row_block, b, rows, row_ok, q, k_base, key_end
+
+
+@triton.jit
 def _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, scale, k_len, causal_offset,
                 stride_kn, stride_kd, stride_pb, stride_pn,
                 HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -245,22 +266,11 @@ def topk_forward_kernel(
     pid = tl.program_id(0)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    local = tl.arange(0, BLOCK_M)
 
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        bh = tile // row_blocks
-        row_block = tile % row_blocks
-        b = bh // heads
-        h = bh % heads
-        kv = h // group
-        rows = row_block * BLOCK_M + local
-        row_ok = rows < q_len
-        q = _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, stride_qm, stride_qd,
-                             DOT_UPCAST)
-        k_base = K + b * stride_kb + kv * stride_kh
-        key_end = k_len
-        if CAUSAL:
-            key_end = tl.minimum(k_len, row_block * BLOCK_M + BLOCK_M + causal_offset)
+        bh, row_block, b, rows, row_ok, q, k_base, key_end = _open_tile(
+            tile, Q, K, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, BLOCK_M, CAUSAL, DOT_UPCAST)
         _select_tile_buffered(q, k_base, PAD, IDX, LSE, SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH,
                               b, bh, rows, row_ok, pid * BLOCK_M, row_block * BLOCK_M, key_end, dims, dim_ok, scale,
                               q_len, k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
@@ -394,21 +404,11 @@ def topk_forward_stacks_kernel(
     base = pid * (DEPTH * SLICE)
 
     for tile_id in range(pid, num_tiles, tl.num_programs(0)):
-        bh = tile_id // row_blocks
-        row_block = tile_id % row_blocks
-        b = bh // heads
-        h = bh % heads
-        kv = h // group
-        rows = row_block * BLOCK_M + local
-        row_ok = rows < q_len
-        q = _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, stride_qm, stride_qd,
-                             DOT_UPCAST)
-        k_base = K + b * stride_kb + kv * stride_kh
+        bh, row_block, b, rows, row_ok, q, k_base, key_end = _open_tile(
+            tile_id, Q, K, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, BLOCK_M, CAUSAL, DOT_UPCAST)
         count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         threshold = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
-        key_end = k_len
-        if CAUSAL:
-            key_end = tl.minimum(k_len, row_block * BLOCK_M + BLOCK_M + causal_offset)
         for segment in range(0, key_end, SEGMENT * BLOCK_N):
             for start in range(segment, tl.minimum(segment + SEGMENT * BLOCK_N, key_end), BLOCK_N):
                 cols = start + lanes
@@ -576,19 +576,9 @@ def topk_forward_bound_kernel(
     base = pid * (DEPTH * SLICE)
 
     for tile_id in range(pid, num_tiles, tl.num_programs(0)):
-        bh = tile_id // row_blocks
-        row_block = tile_id % row_blocks
-        b = bh // heads
-        h = bh % heads
-        kv = h // group
-        rows = row_block * BLOCK_M + local
-        row_ok = rows < q_len
-        q = _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, stride_qm, stride_qd,
-                             DOT_UPCAST)
-        k_base = K + b * stride_kb + kv * stride_kh
-        key_end = k_len
-        if CAUSAL:
-            key_end = tl.minimum(k_len, row_block * BLOCK_M + BLOCK_M + causal_offset)
+        bh, row_block, b, rows, row_ok, q, k_base, key_end = _open_tile(
+            tile_id, Q, K, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, BLOCK_M, CAUSAL, DOT_UPCAST)
         threshold = _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, scale, k_len,
                                      causal_offset, stride_kn, stride_kd, stride_pb, stride_pn, TOPK, BLOCK_N,
                                      HAS_PAD, CAUSAL, KEY_BITS, IEEE, DOT_UPCAST, SCORE_DTYPE)
