@@ -373,6 +373,19 @@ def _emit_from_stacks(BUF_VAL, BUF_IDX, IDX, LSE, base, tile, count, bh, q_len, 
 
 
 @triton.jit
+def _stacks_prologue(PARAMS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, DEPTH: tl.constexpr):
+    """What a column-stack kernel needs before its tile loop: the scale, its program id, the head dimensions, the
+    rows and lanes of a score tile, each entry's offset within a stack slice, and its own stacks' first slot."""
+    pid = tl.program_id(0)
+    dims = tl.arange(0, BLOCK_D)
+    local = tl.arange(0, BLOCK_M)
+    lanes = tl.arange(0, BLOCK_N)
+    tile = local[:, None] * BLOCK_N + lanes[None, :]
+    return tl.load(PARAMS), pid, dims, dims < HEAD_DIM, local, lanes, tile, pid * (DEPTH * BLOCK_M * BLOCK_N)
+
+
+@triton.jit
 def topk_forward_stacks_kernel(
     Q, K, PAD, IDX, LSE, BUF_VAL, BUF_IDX, PARAMS,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -394,14 +407,8 @@ def topk_forward_stacks_kernel(
     """
     SCORE_DTYPE = BUF_VAL.dtype.element_ty
     SLICE: tl.constexpr = BLOCK_M * BLOCK_N
-    scale = tl.load(PARAMS)
-    pid = tl.program_id(0)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
-    local = tl.arange(0, BLOCK_M)
-    lanes = tl.arange(0, BLOCK_N)
-    tile = local[:, None] * BLOCK_N + lanes[None, :]
-    base = pid * (DEPTH * SLICE)
+    scale, pid, dims, dim_ok, local, lanes, tile, base = _stacks_prologue(PARAMS, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                                                         BLOCK_N, DEPTH)
 
     for tile_id in range(pid, num_tiles, tl.num_programs(0)):
         bh, row_block, b, rows, row_ok, q, k_base, key_end = _open_tile(
@@ -566,14 +573,8 @@ def topk_forward_bound_kernel(
     SCORE_DTYPE = BUF_VAL.dtype.element_ty
     SLICE: tl.constexpr = BLOCK_M * BLOCK_N
     CAND: tl.constexpr = DEPTH * BLOCK_N
-    scale = tl.load(PARAMS)
-    pid = tl.program_id(0)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
-    local = tl.arange(0, BLOCK_M)
-    lanes = tl.arange(0, BLOCK_N)
-    tile = local[:, None] * BLOCK_N + lanes[None, :]
-    base = pid * (DEPTH * SLICE)
+    scale, pid, dims, dim_ok, local, lanes, tile, base = _stacks_prologue(PARAMS, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                                                         BLOCK_N, DEPTH)
 
     for tile_id in range(pid, num_tiles, tl.num_programs(0)):
         bh, row_block, b, rows, row_ok, q, k_base, key_end = _open_tile(
