@@ -516,9 +516,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 out[key] = tuple(int(k) for k in value.split(",") if k)
             elif key == "min_tokens":
                 out[key] = int(value) if value else None
+            elif isinstance(default, bool):  # bool("false") is True
+                out[key] = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
             else:
                 out[key] = type(default)(value)
-        except ValueError:
+        except (ValueError, KeyError):
             raise SystemExit(f"accuracy: --set {item!r}: {value!r} is not a valid {key}") from None
     return out
 
@@ -574,15 +576,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=None, help="seconds from start; runs that would not "
                         "finish are skipped and a run cut by the budget is discarded, results stay written")
     parser.add_argument("--report", action="store_true", help="only rewrite the table and plot from --out")
-    parser.add_argument("--print-settings", action="store_true", help="print the task settings as JSON and exit")
+    parser.add_argument("--print-settings", action="store_true", help="print the task settings (with --set "
+                        "applied) as JSON and exit")
     parser.add_argument("--list", action="store_true", help="print the runs of the plan in priority order and exit")
     parser.add_argument("--export-fp16", type=Path, default=None, metavar="DIR", help="write the model directory "
                         "with fp16-stored weights to DIR and exit")
     args = parser.parse_args(argv)
     start = time.monotonic()
     deadline = start + args.time_budget if args.time_budget else math.inf
-    if args.print_settings:
-        print(json.dumps({name: dataclasses.asdict(task) for name, task in TASKS.items()}, indent=1))
+    if args.print_settings:  # with --set: as overridden (an invalid value is named here already)
+        overrides = parse_overrides(args.set)
+        print(json.dumps({name: dataclasses.asdict(dataclasses.replace(task, **overrides))
+                          for name, task in TASKS.items() if not args.tasks or name in args.tasks}, indent=1))
         return 0
 
     model_dir = args.model_dir or default_model_dir()

@@ -186,6 +186,20 @@ def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
     assert (tmp_path / "acc.md").read_text().count("| boolq") == 5
 
 
+
+def test_set_parses_booleans_and_names_a_bad_value():
+    def settings(*overrides):
+        result = subprocess.run([sys.executable, str(SCRIPT), "--print-settings", "--tasks", "boolq", "--set",
+                                 *overrides], capture_output=True, text=True, cwd=REPO, timeout=120)
+        return result.returncode, result.stdout, result.stderr
+
+    # zero_shot=false drops the SDPA runs' zero-shot rows (so new ks need no SDPA retraining); bool("false") is True
+    code, out, _ = settings("zero_shot=false", "epochs=2")
+    assert code == 0 and json.loads(out)["boolq"]["zero_shot"] is False and json.loads(out)["boolq"]["epochs"] == 2
+    assert json.loads(settings("zero_shot=True")[1])["boolq"]["zero_shot"] is True
+    code, _, err = settings("zero_shot=maybe")
+    assert code != 0 and "zero_shot=maybe" in err and "not a valid zero_shot" in err
+
 def test_first_stage_long_scores_a_model_on_long_inputs_with_each_attention(tmp_path, tiny_bert):
     if not (BOOLQ / "dev.jsonl").is_file():
         pytest.skip(f"BoolQ not found at {BOOLQ}")
