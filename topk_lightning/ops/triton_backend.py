@@ -123,6 +123,24 @@ def forward_constants(config: dict, topk: int, head_dim: int, dtype: torch.dtype
     return constants
 
 
+def _forward_scratch(config: dict, programs: int, score_dtype: torch.dtype, device) -> list[torch.Tensor]:
+    """The per-program working memory of the forward kernel of ``config["layout"]``, in its argument order:
+    candidate values and key indices (buffer rows of CAND slots, or DEPTH stack slices), then for "buffer" and
+    "bound" a count and a threshold per row, and for "bound" the stack heights and the packed candidates."""
+    rows = programs * config["BLOCK_M"]
+    slots = rows * (config["DEPTH"] * config["BLOCK_N"] if config["layout"] == "stacks" else config["CAND"])
+    scratch = [torch.empty(slots, dtype=score_dtype, device=device),
+               torch.empty(slots, dtype=torch.int32, device=device)]
+    if config["layout"] in ("buffer", "bound"):
+        scratch += [torch.empty(rows, dtype=torch.int32, device=device),
+                    torch.empty(rows, dtype=score_dtype, device=device)]
+    if config["layout"] == "bound":
+        scratch += [torch.empty(rows * config["BLOCK_N"], dtype=torch.int32, device=device),
+                    torch.empty(rows * config["CAND_C"], dtype=score_dtype, device=device),
+                    torch.empty(rows * config["CAND_C"], dtype=torch.int32, device=device)]
+    return scratch
+
+
 def gather_config(topk: int, head_dim: int) -> dict:
     """Rows per program of the output and backward kernels, which hold (rows, topk, head_dim) gathered tiles."""
     topk_p2 = max(16, _next_power_of_2(topk))
@@ -154,8 +172,7 @@ class TritonTopKAttention(torch.autograd.Function):
 
         if q_len and k_len:
             config = forward_config(k, head_dim, query.dtype)
-            block_m = config["BLOCK_M"]
-            row_blocks = triton_cdiv(q_len, block_m)
+            row_blocks = triton_cdiv(q_len, config["BLOCK_M"])
             num_tiles = batch * heads * row_blocks
             if query.device.type == "cuda":
                 programs = min(num_tiles, _program_slots(query.device.index or 0))
@@ -167,36 +184,10 @@ class TritonTopKAttention(torch.autograd.Function):
                                           on_cuda=query.device.type == "cuda")
             shape_args = (*_strides(query), *_strides(key), *(_strides(pad) if has_pad else (0, 0)),
                           heads, heads // kv_heads, q_len, k_len, row_blocks, num_tiles, k_len - q_len)
-            if config["layout"] == "bound":
-                slots = programs * block_m * config["CAND"]
-                buffer_val = torch.empty(slots, dtype=score_dtype, device=query.device)
-                buffer_idx = torch.empty(slots, dtype=torch.int32, device=query.device)
-                scratch_count = torch.empty(programs * block_m, dtype=torch.int32, device=query.device)
-                scratch_thresh = torch.empty(programs * block_m, dtype=score_dtype, device=query.device)
-                counts = torch.empty(programs * block_m * config["BLOCK_N"], dtype=torch.int32, device=query.device)
-                small_val = torch.empty(programs * block_m * config["CAND_C"], dtype=score_dtype, device=query.device)
-                small_idx = torch.empty(programs * block_m * config["CAND_C"], dtype=torch.int32, device=query.device)
-                kernels.topk_forward_bound_kernel[(programs,)](
-                    query, key, pad, kept_index, lse, buffer_val, buffer_idx, scratch_count, scratch_thresh,
-                    counts, small_val, small_idx, params, *shape_args, **constants,
-                )
-            elif config["layout"] == "stacks":
-                slots = programs * config["DEPTH"] * block_m * config["BLOCK_N"]
-                buffer_val = torch.empty(slots, dtype=score_dtype, device=query.device)
-                buffer_idx = torch.empty(slots, dtype=torch.int32, device=query.device)
-                kernels.topk_forward_stacks_kernel[(programs,)](
-                    query, key, pad, kept_index, lse, buffer_val, buffer_idx, params, *shape_args, **constants,
-                )
-            else:
-                slots = programs * block_m * config["CAND"]
-                scratch_val = torch.empty(slots, dtype=score_dtype, device=query.device)
-                scratch_idx = torch.empty(slots, dtype=torch.int32, device=query.device)
-                scratch_count = torch.empty(programs * block_m, dtype=torch.int32, device=query.device)
-                scratch_thresh = torch.empty(programs * block_m, dtype=score_dtype, device=query.device)
-                kernels.topk_forward_kernel[(programs,)](
-                    query, key, pad, kept_index, lse, scratch_val, scratch_idx, scratch_count, scratch_thresh,
-                    params, *shape_args, **constants,
-                )
+            scratch = _forward_scratch(config, programs, score_dtype, query.device)
+            getattr(kernels, FORWARD_KERNELS[config["layout"]])[(programs,)](
+                query, key, pad, kept_index, lse, *scratch, params, *shape_args, **constants,
+            )
             rows_config = gather_config(k, head_dim)
             kernels.topk_output_kernel[(triton_cdiv(q_len, rows_config["BLOCK_R"]), batch * heads)](
                 query, key, value, kept_index, lse, out, params,
