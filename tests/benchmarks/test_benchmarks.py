@@ -113,7 +113,8 @@ def test_triton_sass_reads_the_forward_loops_without_a_gpu(tmp_path):
             if line.startswith("| buffer") or line.startswith("| bound")]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [("buffer", "4"), ("bound", "8")]
     buffer_loops, bound_loops = (r[4].split(";") for r in rows)
-    # the buffer kernel has one key-block loop; the bound kernel two passes plus the buffer fallback's loop
-    assert len(buffer_loops) == 1 and len(bound_loops) == 3
+    # the buffer kernel has one key-block loop; the bound kernel two passes (whole blocks, then the masked last one)
+    # plus the buffer fallback's loop
+    assert len(buffer_loops) == 1 and len(bound_loops) == 5
     assert all(0 < int(r[2]) <= 255 for r in rows)  # registers per thread
     assert "| bound | 8 |" in out

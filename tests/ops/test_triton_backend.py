@@ -54,25 +54,46 @@ def test_other_forward_layouts_equal_dense_topk(monkeypatch, causal, layout):
     _assert_close_to_reference(dict(topk=5, causal=causal, key_padding_mask=_padding(2, 45)), atol=1e-10)
 
 
+@pytest.mark.parametrize("layout", ["buffer", "stacks", "bound"])
+def test_every_layout_ranks_unscaled_scores_and_scales_only_the_kept(monkeypatch, layout):
+    # a scale far from D ** -0.5: it must reach the log-sum-exp of every layout, and not change which keys are kept
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", f"32,32,4,2,{layout}")
+    _assert_close_to_reference(dict(topk=6, scale=2.5, key_padding_mask=_padding(2, 45)), atol=1e-10)
+
+
 @pytest.mark.parametrize("topk", [1, 16, 17])
 def test_bound_layout_with_ragged_tiles_and_topk_near_the_block(monkeypatch, topk):
     # 16-key blocks: topk 16 fills both bound groups per lane, 17 > BLOCK_N takes the "buffer" layout instead;
-    # 70 queries and 200 keys leave partial tiles at both ends (rows past the queries get no candidates).
+    # 70 queries and 200 keys leave partial tiles at both ends (rows past the queries get no candidates). Without
+    # padding or a causal mask both passes run unmasked over whole blocks and masked over the last ones.
     monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "16,16,4,2,bound")
-    for causal in (False, True):
-        _assert_close_to_reference(dict(topk=topk, causal=causal, key_padding_mask=_padding(1, 200)), atol=1e-10,
+    for causal, padded in ((False, False), (False, True), (True, True)):
+        mask = _padding(1, 200) if padded else None
+        _assert_close_to_reference(dict(topk=topk, causal=causal, key_padding_mask=mask), atol=1e-10,
                                    batch=1, q_len=70, k_len=200)
 
 
-def test_bound_layout_redoes_a_tile_whose_stacks_overflow(monkeypatch):
+@pytest.mark.parametrize("padded", [False, True])
+def test_bound_layout_in_fp32_the_dtype_of_its_gpu_append(monkeypatch, padded):
+    # On CUDA, fp32 / bf16 / fp16 inputs take the inline-PTX append (fp64 and the interpreter take tl.store): this
+    # is the test that runs it against the reference on a GPU.
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "16,16,4,2,bound")
+    mask = _padding(1, 200) if padded else None
+    _assert_close_to_reference(dict(topk=16, key_padding_mask=mask), atol=2e-5, batch=1, q_len=70, k_len=200,
+                               dim=16, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bound_layout_redoes_a_tile_whose_stacks_overflow(monkeypatch, dtype):
     # Equal keys make every score tie with the bound, so every key is a candidate: the stacks (CAND // BLOCK_N = 4
     # deep here) overflow and the tile is redone through the candidate buffer, which keeps the lowest indices.
     monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "16,16,4,2,bound")
-    q = torch.randn(1, 1, 5, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device=DEVICE)
-    k = torch.ones(1, 1, 300, 8, dtype=torch.float64, device=DEVICE)
-    v = torch.randn(1, 1, 300, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64, device=DEVICE)
+    q = torch.randn(1, 1, 5, 8, generator=torch.Generator().manual_seed(0), dtype=dtype, device=DEVICE)
+    k = torch.ones(1, 1, 300, 8, dtype=dtype, device=DEVICE)
+    v = torch.randn(1, 1, 300, 8, generator=torch.Generator().manual_seed(1), dtype=dtype, device=DEVICE)
     out = topk_attention(q, k, v, topk=7, backend="triton")
-    torch.testing.assert_close(out, v[:, :, :7].mean(2, keepdim=True).expand_as(out), atol=1e-12, rtol=0)
+    atol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(out, v[:, :, :7].mean(2, keepdim=True).expand_as(out), atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize(("q_len", "k_len"), [(1, 1), (3, 70), (70, 3), (65, 129)])
@@ -222,6 +243,8 @@ def test_backend_resolution_and_errors(monkeypatch):
         resolve_backend("triton", q, k, topk=2, bias=bias)
     with pytest.raises(ValueError, match="topk 300 .* is above 256"):
         resolve_backend("triton", q, torch.zeros(2, 2, 300, 8, dtype=q.dtype, device=DEVICE), topk=300)
+    with pytest.raises(ValueError, match="scale -0.5 is not positive"):
+        topk_attention(q, k, k, topk=2, scale=-0.5, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of 'auto', 'torch', 'triton', got 'cuda'"):
         resolve_backend("cuda", q, k, topk=2)
     cpu_q, cpu_k = q.detach().cpu(), k.detach().cpu()

@@ -91,7 +91,8 @@ def topk_attention(
 
 def _dispatch(query, key, value, bias, key_padding_mask, topk, query_chunk_size, scale, dropout_p, causal, backend,
               position_bias):
-    if resolve_backend(backend, query, key, topk=topk, bias=bias, position_bias=position_bias) == "triton":
+    if resolve_backend(backend, query, key, topk=topk, bias=bias, position_bias=position_bias,
+                       scale=scale) == "triton":
         from topk_lightning.ops.triton_backend import TritonTopKAttention
 
         return TritonTopKAttention.apply(query, key, value, key_padding_mask, topk, scale, dropout_p, causal)
@@ -113,6 +114,7 @@ def resolve_backend(
     topk: int,
     bias: torch.Tensor | None = None,
     position_bias: RelativePositionBias | None = None,
+    scale: float | None = None,
 ) -> str:
     """The backend that ``topk_attention(..., backend=backend)`` runs for these arguments: "torch" or "triton".
 
@@ -127,7 +129,7 @@ def resolve_backend(
     if reason is None:
         from topk_lightning.ops.triton_backend import unsupported_reason
 
-        reason = unsupported_reason(query, key, topk=topk, bias=bias, position_bias=position_bias)
+        reason = unsupported_reason(query, key, topk=topk, bias=bias, position_bias=position_bias, scale=scale)
     if reason is None:
         return "triton"
     if backend == "triton":

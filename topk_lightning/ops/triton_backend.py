@@ -36,9 +36,13 @@ ACCUMULATOR_BUDGET_BYTES = 256 << 20
 
 
 def unsupported_reason(
-    query: torch.Tensor, key: torch.Tensor, *, topk: int, bias: torch.Tensor | None = None, position_bias=None
+    query: torch.Tensor, key: torch.Tensor, *, topk: int, bias: torch.Tensor | None = None, position_bias=None,
+    scale: float | None = None,
 ) -> str | None:
     """Why the kernels cannot take these arguments, or None when they can."""
+    if scale is not None and not scale > 0:
+        # The kernels rank unscaled scores q . k, which ranks like scale * q . k only for a positive scale.
+        return f"scale {scale} is not positive"
     if bias is not None:
         return "an additive bias is supported by the PyTorch backend only"
     if position_bias is not None:

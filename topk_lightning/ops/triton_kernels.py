@@ -4,10 +4,10 @@ Forward selection (`topk_forward_kernel`), one program per tile of ``BLOCK_M`` q
 persistent over tiles::
 
     for each block of BLOCK_N keys:            (one pass over QK^T; scores never leave the chip)
-        s = q @ k_block.T * scale, masked       tl.dot, fp32 accumulation (fp64 for fp64 inputs)
+        s = q @ k_block.T, masked               tl.dot, fp32 accumulation (fp64 for fp64 inputs); unscaled
         append every s > threshold[row]         to the program's candidate buffer (CAND slots per row)
         every SEGMENT blocks, if a buffer could overflow: keep each row's TOPK largest, threshold = the k-th
-    select a last time; write the kept key indices and the log-sum-exp of their scores
+    select a last time; write the kept key indices and the log-sum-exp of their scores times scale
 
 The threshold only ever rises to the k-th largest score seen so far, so an entry below it can never be in the
 final top k: the result is exactly the top-k of each row (ties broken towards the lower key index). Selection is
@@ -15,9 +15,10 @@ by bisection over the scores' bit patterns (order-preserving integer keys), whic
 
 Two other layouts of the same selection are selectable (`triton_backend.forward_config`): column stacks
 (`topk_forward_stacks_kernel`) and the two-pass `topk_forward_bound_kernel`, which first bounds each row's k-th
-score from below in a pass that only keeps maxima, then appends the few scores above the bound with plain stores
-in the tensor-core layout (no prefix sum, no cut in the loop). Compiled for sm_90 its two passes issue about 0.6x
-the instructions per key block of the buffer kernel's one (`benchmarks/triton_sass.py`); it has not run on a GPU.
+score from below in a pass that only keeps maxima, then appends the few scores above the bound with stores that a
+branch skips for all but a few entries in a thousand (no prefix sum, no cut in the loop). Compiled for sm_90 its two
+passes issue about 0.28x the instructions per key block of the buffer kernel's one on their common path
+(`benchmarks/triton_sass.py`); it has not run on a GPU.
 
 Output (`topk_output_kernel`) and backward (`topk_backward_kernel`), one program per ``BLOCK_R`` query rows:
 recompute p_j = exp(q . k[idx_j] * scale - lse) for the kept entries only; the output is sum_j p_j v[idx_j];
@@ -139,26 +140,34 @@ def _open_tile(tile, Q, K, heads, group, q_len, k_len, row_blocks, causal_offset
 
 
 @triton.jit
-def _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, scale, k_len, causal_offset,
+def _block_scores(q, k_base, cols, dims, dim_ok, k_len, stride_kn, stride_kd, IEEE: tl.constexpr,
+                  DOT_UPCAST: tl.constexpr, SCORE_DTYPE: tl.constexpr, CHECK_COLS: tl.constexpr = True):
+    """Unscaled scores q . k of the query tile against keys ``cols`` (zero for keys past k_len when CHECK_COLS;
+    without it every col must be a key)."""
+    load_ok = dim_ok[:, None]
+    if CHECK_COLS:
+        load_ok = load_ok & (cols < k_len)[None, :]
+    k_t = tl.load(k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd, mask=load_ok, other=0.0)
+    if DOT_UPCAST:
+        k_t = k_t.to(tl.float32)
+    if IEEE:
+        return tl.dot(q, k_t, input_precision="ieee", out_dtype=SCORE_DTYPE)
+    return tl.dot(q, k_t, out_dtype=SCORE_DTYPE)
+
+
+@triton.jit
+def _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, k_len, causal_offset,
                 stride_kn, stride_kd, stride_pb, stride_pn,
                 HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
                 SCORE_DTYPE: tl.constexpr, INCLUSIVE: tl.constexpr = False, COMPARE: tl.constexpr = True,
                 ROW_MASK: tl.constexpr = True):
-    """Scaled scores of a (BLOCK_M, BLOCK_N) tile against keys ``cols``, and which of them to append: above the
+    """Unscaled scores q . k of a (BLOCK_M, BLOCK_N) tile against keys ``cols`` (a positive scale does not change
+    which keys rank highest, so the selection never multiplies: `_write_kept` scales the kept ones), and which of
+    them to append: above the
     row's threshold (or equal to it, INCLUSIVE; any score without COMPARE), on a real row and key, not padding, not
     in the causal future (rows past the queries are masked unless not ROW_MASK)."""
     col_ok = cols < k_len
-    k_t = tl.load(
-        k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
-        mask=dim_ok[:, None] & col_ok[None, :], other=0.0,
-    )
-    if DOT_UPCAST:
-        k_t = k_t.to(tl.float32)
-    if IEEE:
-        scores = tl.dot(q, k_t, input_precision="ieee", out_dtype=SCORE_DTYPE)
-    else:
-        scores = tl.dot(q, k_t, out_dtype=SCORE_DTYPE)
-    scores = scores * scale
+    scores = _block_scores(q, k_base, cols, dims, dim_ok, k_len, stride_kn, stride_kd, IEEE, DOT_UPCAST, SCORE_DTYPE)
     if not COMPARE:
         take = col_ok[None, :]  # broadcast to the tile by the row mask below
     elif INCLUSIVE:
@@ -196,7 +205,7 @@ def _select_tile_buffered(q, k_base, PAD, IDX, LSE, SCRATCH_VAL, SCRATCH_IDX, SC
     for segment in range(0, key_end, SEGMENT * BLOCK_N):
         for start in range(segment, tl.minimum(segment + SEGMENT * BLOCK_N, key_end), BLOCK_N):
             cols = start + keys_in_block
-            scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, scale,
+            scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold,
                                        k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
                                        HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE)
             position = count[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
@@ -223,12 +232,14 @@ def _select_tile_buffered(q, k_base, PAD, IDX, LSE, SCRATCH_VAL, SCRATCH_IDX, SC
             SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH, buffer_first + first + group_rows,
             slots, TOPK, KEY_BITS,
         )
-        _write_kept(IDX, LSE, values, index, keep, position, kept, rows_g, bh, q_len, TOPK)
+        _write_kept(IDX, LSE, values, index, keep, position, kept, rows_g, bh, q_len, scale, TOPK)
 
 
 @triton.jit
-def _write_kept(IDX, LSE, values, index, keep, position, kept, rows, bh, q_len, TOPK: tl.constexpr):
-    """Store what `_select_group` kept for query ``rows``: key indices to IDX, log-sum-exp of the scores to LSE."""
+def _write_kept(IDX, LSE, values, index, keep, position, kept, rows, bh, q_len, scale, TOPK: tl.constexpr):
+    """Store what `_select_group` kept for query ``rows``: key indices to IDX, log-sum-exp of the scaled scores
+    (``values * scale``) to LSE."""
+    values = values * scale
     # Rows with nothing to attend (kept 0) get lse = -inf and no kept entries: zeros, never NaN.
     row_max = tl.where(kept > 0, tl.max(tl.where(keep, values, float("-inf")), axis=1), 0.0)
     total = tl.sum(tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - row_max[:, None]), 0.0), axis=1)
@@ -334,11 +345,11 @@ def _stack_counts(VAL, IDX_BUF, base, tile, count, DEPTH: tl.constexpr, SLICE: t
 
 
 @triton.jit
-def _emit_from_stacks(BUF_VAL, BUF_IDX, IDX, LSE, base, tile, count, bh, q_len, rows, row_ok,
+def _emit_from_stacks(BUF_VAL, BUF_IDX, IDX, LSE, base, tile, count, bh, q_len, rows, row_ok, scale,
                       DEPTH: tl.constexpr, SLICE: tl.constexpr, KEY_BITS: tl.constexpr, TOPK: tl.constexpr,
                       SCORE_DTYPE: tl.constexpr):
     """Final selection from the column stacks (``count`` entries each): the TOPK largest of every row, their key
-    indices to IDX in (depth, lane) order and the log-sum-exp of their scores to LSE."""
+    indices to IDX in (depth, lane) order and the log-sum-exp of their scores times ``scale`` to LSE."""
     tl.debug_barrier()
     kth, index_cut, full = _stack_counts(BUF_VAL, BUF_IDX, base, tile, count, DEPTH, SLICE,
                                          KEY_BITS, TOPK)
@@ -350,7 +361,7 @@ def _emit_from_stacks(BUF_VAL, BUF_IDX, IDX, LSE, base, tile, count, bh, q_len, 
         keys = _order_keys(values, KEY_BITS)
         keep = valid & ((keys > kth[:, None]) | ((keys == kth[:, None]) & (index <= index_cut[:, None])))
         keep = tl.where(full[:, None], keep, valid)
-        row_max = tl.maximum(row_max, tl.max(tl.where(keep, values, float("-inf")), axis=1))
+        row_max = tl.maximum(row_max, tl.max(tl.where(keep, values * scale, float("-inf")), axis=1))
     kept = tl.zeros([rows.shape[0]], dtype=tl.int32)
     total = tl.zeros([rows.shape[0]], dtype=SCORE_DTYPE)
     safe_max = tl.where(row_max > float("-inf"), row_max, 0.0)
@@ -364,7 +375,8 @@ def _emit_from_stacks(BUF_VAL, BUF_IDX, IDX, LSE, base, tile, count, bh, q_len, 
         keep = tl.where(full[:, None], keep, valid)
         position = kept[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
         kept += tl.sum(keep.to(tl.int32), axis=1)
-        total += tl.sum(tl.where(keep, tl.exp(tl.where(keep, values, 0.0) - safe_max[:, None]), 0.0), axis=1)
+        total += tl.sum(tl.where(keep, tl.exp(tl.where(keep, values * scale, 0.0) - safe_max[:, None]), 0.0),
+                        axis=1)
         # Slots past a row's count keep the -1 the caller filled IDX with.
         tl.store(IDX + row_slots[:, None] * TOPK + position, index, mask=keep & row_ok[:, None])
     # Rows with nothing to attend (kept 0) get lse = -inf and no kept entries: zeros, never NaN.
@@ -419,7 +431,7 @@ def topk_forward_stacks_kernel(
         for segment in range(0, key_end, SEGMENT * BLOCK_N):
             for start in range(segment, tl.minimum(segment + SEGMENT * BLOCK_N, key_end), BLOCK_N):
                 cols = start + lanes
-                scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, scale,
+                scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold,
                                            k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
                                            HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE)
                 slot = base + count * SLICE + tile
@@ -451,32 +463,48 @@ def topk_forward_stacks_kernel(
                 threshold = tl.where(full, _key_to_value(kth, KEY_BITS), threshold).to(SCORE_DTYPE)
 
         # Final selection: the kept key indices, in (depth, lane) order, and the log-sum-exp of their scores.
-        _emit_from_stacks(BUF_VAL, BUF_IDX, IDX, LSE, base, tile, count, bh, q_len, rows, row_ok,
+        _emit_from_stacks(BUF_VAL, BUF_IDX, IDX, LSE, base, tile, count, bh, q_len, rows, row_ok, scale,
                           DEPTH, SLICE, KEY_BITS, TOPK, SCORE_DTYPE)
         tl.debug_barrier()  # the stacks are reused by the next tile
 
 
 @triton.jit
-def _append_in_place(VAL, IDX_BUF, slot, values, index, mask, INLINE_PTX: tl.constexpr):
-    """``VAL[slot] = values; IDX_BUF[slot] = index`` where ``mask``. On CUDA (32-bit values) as predicated PTX stores
-    in the layout the values already have: `tl.store` would first move a score tile from the tensor-core layout to
-    a store layout through shared memory, which costs more than the rest of an append (sm_90 SASS)."""
+def _append_above(VAL, IDX_BUF, tile, count, scores, bound, start, DEPTH: tl.constexpr, SLICE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, INLINE_PTX: tl.constexpr):
+    """Append every score >= ``bound`` (per entry; +inf where a key must not be taken) to its column stack: entry
+    (r, c) of the tile goes to ``VAL[min(count, DEPTH - 1) * SLICE + tile]`` with its key index ``start + c`` in
+    IDX_BUF. Returns the new stack heights; past DEPTH an entry overwrites the last slot (the caller redoes the
+    tile). On CUDA (32-bit scores) each entry is inline PTX in the tensor-core layout the scores come in: a compare,
+    a warp vote and a branch over the stores, which run only when an entry of the warp passes (a few in a thousand
+    at long inputs). `tl.store` would instead compute every address and first move the whole tile to a store layout
+    through shared memory (sm_90 SASS: `benchmarks/triton_sass.py`)."""
     if INLINE_PTX:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $5, 0; @p st.global.b32 [$1], $3; @p st.global.b32 [$2], $4; "
-            "mov.b32 $0, 0; }",
-            "=r,l,l,r,r,r",
-            [(VAL + slot).to(tl.int64, bitcast=True), (IDX_BUF + slot).to(tl.int64, bitcast=True),
-             values.to(tl.int32, bitcast=True), index, mask.to(tl.int32)],
+        count = tl.inline_asm_elementwise(
+            # $0 new height, tied to $3 the height | $1 score, $2 bound (as 32-bit), $4 tile, $5 start, $6 VAL,
+            # $7 IDX_BUF, $8 DEPTH - 1, $9 SLICE, $10 BLOCK_N - 1. An entry that fails the compare costs three
+            # instructions (compare, warp vote, branch); a warp where one passes runs the stores, predicated.
+            "{ .reg .pred p, any; .reg .b32 d, col; .reg .b64 at; "
+            "setp.ge.f32 p, $1, $2; vote.sync.any.pred any, p, 0xffffffff; @!any bra.uni SKIP; "
+            "min.s32 d, $0, $8; mad.lo.s32 d, d, $9, $4; mul.wide.s32 at, d, 4; "
+            "add.s64 at, at, $6; @p st.global.b32 [at], $1; "
+            "and.b32 col, $4, $10; add.s32 col, col, $5; mul.wide.s32 at, d, 4; "
+            "add.s64 at, at, $7; @p st.global.b32 [at], col; @p add.s32 $0, $0, 1; SKIP: }",
+            "=r,r,r,0,r,r,l,l,r,r,r",
+            [scores.to(tl.int32, bitcast=True), bound.to(tl.int32, bitcast=True), count, tile, start,
+             VAL.to(tl.int64, bitcast=True), IDX_BUF.to(tl.int64, bitcast=True), DEPTH - 1, SLICE, BLOCK_N - 1],
             dtype=tl.int32, is_pure=False, pack=1,
         )
     else:
-        tl.store(VAL + slot, values, mask=mask)
-        tl.store(IDX_BUF + slot, index, mask=mask)
+        take = scores >= bound
+        slot = tl.minimum(count, DEPTH - 1) * SLICE + tile
+        tl.store(VAL + slot, scores, mask=take)
+        tl.store(IDX_BUF + slot, start + tile % BLOCK_N, mask=take)
+        count += take.to(tl.int32)
+    return count
 
 
 @triton.jit
-def _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, scale, k_len, causal_offset,
+def _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, k_len, causal_offset,
                      stride_kn, stride_kd, stride_pb, stride_pn,
                      TOPK: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                      KEY_BITS: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -493,13 +521,22 @@ def _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, sca
     no_threshold = tl.zeros([rows.shape[0]], SCORE_DTYPE)  # not compared
     even = tl.full([rows.shape[0], BLOCK_N], float("-inf"), SCORE_DTYPE)
     odd = tl.full([rows.shape[0], BLOCK_N], float("-inf"), SCORE_DTYPE)
-    for start in range(0, key_end, 2 * BLOCK_N):
+    # Whole pairs of blocks with every key visible need no mask: a running maximum per entry is the whole loop.
+    unmasked_end = 0
+    if not (HAS_PAD or CAUSAL):
+        unmasked_end = key_end - key_end % (2 * BLOCK_N)
+    for start in range(0, unmasked_end, 2 * BLOCK_N):
+        even = tl.maximum(even, _block_scores(q, k_base, start + lanes, dims, dim_ok, k_len, stride_kn, stride_kd,
+                                              IEEE, DOT_UPCAST, SCORE_DTYPE, False))
+        odd = tl.maximum(odd, _block_scores(q, k_base, start + BLOCK_N + lanes, dims, dim_ok, k_len, stride_kn,
+                                            stride_kd, IEEE, DOT_UPCAST, SCORE_DTYPE, False))
+    for start in range(unmasked_end, key_end, 2 * BLOCK_N):
         scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, start + lanes, dims, dim_ok, no_threshold,
-                                   scale, k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                                   k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
                                    HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE, False, False)
         even = tl.maximum(even, tl.where(take, scores, float("-inf")))  # keys past key_end: masked by take
         scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, start + BLOCK_N + lanes, dims, dim_ok,
-                                   no_threshold, scale, k_len, causal_offset, stride_kn, stride_kd, stride_pb,
+                                   no_threshold, k_len, causal_offset, stride_kn, stride_kd, stride_pb,
                                    stride_pn, HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE, False, False)
         odd = tl.maximum(odd, tl.where(take, scores, float("-inf")))
     maxima = tl.reshape(tl.join(even, odd), (rows.shape[0], 2 * BLOCK_N))
@@ -512,7 +549,7 @@ def _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, sca
 
 @triton.jit
 def _emit_compacted(BUF_VAL, BUF_IDX, COUNTS, SMALL_VAL, SMALL_IDX, SMALL_COUNT, SMALL_THRESH, IDX, LSE,
-                    base, count, pid, bh, q_len, row_first,
+                    base, count, pid, bh, q_len, row_first, scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEPTH: tl.constexpr, CAND_C: tl.constexpr,
                     GROUP: tl.constexpr, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
     """Final selection of the bound kernel, GROUP rows at a time: each row's stack entries (a few times TOPK of its
@@ -545,7 +582,7 @@ def _emit_compacted(BUF_VAL, BUF_IDX, COUNTS, SMALL_VAL, SMALL_IDX, SMALL_COUNT,
         tl.debug_barrier()
         values, index, keep, position, kept = _select_group(SMALL_VAL, SMALL_IDX, SMALL_COUNT, SMALL_THRESH,
                                                             small_rows, small, TOPK, KEY_BITS)
-        _write_kept(IDX, LSE, values, index, keep, position, kept, row_first + r, bh, q_len, TOPK)
+        _write_kept(IDX, LSE, values, index, keep, position, kept, row_first + r, bh, q_len, scale, TOPK)
 
 
 @triton.jit
@@ -563,8 +600,9 @@ def topk_forward_bound_kernel(
     """Selection, like `topk_forward_kernel`, in two passes over QK^T per tile so that the hot loop never cuts.
 
     Pass 1 (`_row_lower_bound`) finds a threshold at or below each row's TOPK-th score. Pass 2 appends the scores
-    >= threshold to column stacks of DEPTH slots (as `topk_forward_stacks_kernel`: an elementwise store in the score
-    layout, no prefix sum, no branch) and `_emit_compacted` ranks the few candidates left (CAND_C slots per row in
+    >= threshold to column stacks of DEPTH slots (`_append_above`: elementwise in the score layout, no prefix sum;
+    both passes run unmasked over whole key blocks when there is no padding or causal mask, and masked over the
+    rest) and `_emit_compacted` ranks the few candidates left (CAND_C slots per row in
     SMALL_*; COUNTS holds the (BLOCK_M, BLOCK_N) stack heights of each program). A tile whose stacks overflow, or
     with a row of more than CAND_C candidates (many equal scores, keys masked into few groups), is redone through
     the candidate buffer (`_select_tile_buffered`, the stacks' memory viewed as DEPTH * BLOCK_N slots per row):
@@ -580,26 +618,33 @@ def topk_forward_bound_kernel(
         bh, row_block, b, rows, row_ok, q, k_base, key_end = _open_tile(
             tile_id, Q, K, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
             stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, BLOCK_M, CAUSAL, DOT_UPCAST)
-        threshold = _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, scale, k_len,
+        threshold = _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, k_len,
                                      causal_offset, stride_kn, stride_kd, stride_pb, stride_pn, TOPK, BLOCK_N,
                                      HAS_PAD, CAUSAL, KEY_BITS, IEEE, DOT_UPCAST, SCORE_DTYPE)
         count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        for start in range(0, key_end, BLOCK_N):
-            cols = start + lanes
-            scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, scale,
-                                       k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
-                                       HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE, True, True, False)
-            # Past DEPTH an entry overwrites the stack's last slot: the tile is then redone below anyway.
-            slot = base + tl.minimum(count, DEPTH - 1) * SLICE + tile
-            _append_in_place(BUF_VAL, BUF_IDX, slot, scores, tl.broadcast_to(cols[None, :], scores.shape), take,
-                             INLINE_PTX)
-            count += take.to(tl.int32)
+        # Rows past the queries have threshold +inf; keys that must not be taken get +inf as their bound.
+        row_bound = tl.broadcast_to(threshold[:, None], (BLOCK_M, BLOCK_N))
+        unmasked_end = 0
+        if not (HAS_PAD or CAUSAL):
+            unmasked_end = key_end - key_end % BLOCK_N
+        for start in range(0, unmasked_end, BLOCK_N):
+            scores = _block_scores(q, k_base, start + lanes, dims, dim_ok, k_len, stride_kn, stride_kd, IEEE,
+                                   DOT_UPCAST, SCORE_DTYPE, False)
+            count = _append_above(BUF_VAL + base, BUF_IDX + base, tile, count, scores, row_bound, start, DEPTH,
+                                  SLICE, BLOCK_N, INLINE_PTX)
+        for start in range(unmasked_end, key_end, BLOCK_N):
+            scores, visible = _score_tile(q, k_base, PAD, b, rows, row_ok, start + lanes, dims, dim_ok, threshold,
+                                          k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                                          HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE, False, False, False)
+            count = _append_above(BUF_VAL + base, BUF_IDX + base, tile, count, scores,
+                                  tl.where(visible, row_bound, float("inf")), start, DEPTH, SLICE, BLOCK_N,
+                                  INLINE_PTX)
         deepest = tl.max(tl.max(count, axis=1), axis=0)
         most = tl.max(tl.sum(count, axis=1), axis=0)
         if (deepest <= DEPTH) & (most <= CAND_C):
             _emit_compacted(BUF_VAL, BUF_IDX, COUNTS, SMALL_VAL, SMALL_IDX, SCRATCH_COUNT, SCRATCH_THRESH, IDX, LSE,
-                            base, count, pid, bh, q_len, row_block * BLOCK_M, BLOCK_M, BLOCK_N, DEPTH, CAND_C, GROUP,
-                            TOPK, KEY_BITS)
+                            base, count, pid, bh, q_len, row_block * BLOCK_M, scale, BLOCK_M, BLOCK_N, DEPTH,
+                            CAND_C, GROUP, TOPK, KEY_BITS)
         else:
             tl.debug_barrier()  # every stack entry is written before the buffer path reuses the memory
             _select_tile_buffered(q, k_base, PAD, IDX, LSE, BUF_VAL, BUF_IDX, SCRATCH_COUNT, SCRATCH_THRESH,
