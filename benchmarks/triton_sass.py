@@ -102,11 +102,14 @@ def analyse(cubin: bytes, *, head_dim: int) -> dict:
         target = re.search(r"BRA `\((\.L_x_\d+)\)", line)
         if target and target.group(1) in labels and labels[target.group(1)] < i:
             spans.append((labels[target.group(1)], i))
-    loops = []
+    loops, selection = [], []
     for first, last in sorted(spans):
         body = [b for b in sass[first:last + 1] if is_instruction.match(b)]
         mma = sum(("HGMMA" in b or "HMMA" in b) for b in body)
-        nested_mma = any(f > first and l < last and any("MMA" in b for b in sass[f:l + 1]) for f, l in spans)
+        nested = [(f, l) for f, l in spans if first < f and l < last]
+        if not mma and not nested and len(body) > 2:  # (not the branch-to-itself after EXIT)
+            selection.append(len(body))  # an innermost loop of the selection: one bisection step per iteration
+        nested_mma = any(any("MMA" in b for b in sass[f:l + 1]) for f, l in nested)
         if not mma or nested_mma:
             continue  # only the innermost loops over key blocks
         # Stores that a predicated forward branch jumps over (the bound kernel's appends) run only when an entry
@@ -123,7 +126,7 @@ def analyse(cubin: bytes, *, head_dim: int) -> dict:
                       "blocks": max(1, mma // max(1, head_dim // 16)),
                       "local_memory": sum(("LDL" in b or "STL" in b) for b in body),
                       "shared_memory": sum(("LDS" in b or "STS" in b) for b in body)})
-    return {"registers": registers, "stack": stack, "loops": loops}
+    return {"registers": registers, "stack": stack, "loops": loops, "selection": selection}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
              "their count.",
              "",
              "| layout | warps | registers | spill stack B | key-block loops: SASS per block per warp on the common path "
-             "(local / shared memory ops) | hot-path warp-instructions per key block |", "|---|---:|---:|---:|---|---:|"]
+             "(local / shared memory ops) | hot-path warp-instructions per key block | other innermost loops "
+             "(selection): SASS per iteration per warp |", "|---|---:|---:|---:|---|---:|---|"]
     for item in args.configs:
         layout, warps = item.split(":")
         cubin, config, num_warps = compile_layout(layout, arch=args.arch, topk=args.topk, head_dim=args.head_dim,
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         hot = [report["loops"][0], report["loops"][2]] if config["layout"] == "bound" else report["loops"][:1]
         total = sum(loop["common"] / loop["blocks"] for loop in hot) * num_warps
         lines.append(f"| {config['layout']} | {num_warps} | {report['registers']} | {report['stack']} | {loops} | "
-                     f"{total:.0f} |")
+                     f"{total:.0f} | {'; '.join(map(str, report['selection']))} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.markdown:

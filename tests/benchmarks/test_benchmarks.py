@@ -118,3 +118,27 @@ def test_triton_sass_reads_the_forward_loops_without_a_gpu(tmp_path):
     assert len(buffer_loops) == 1 and len(bound_loops) == 5
     assert all(0 < int(r[2]) <= 255 for r in rows)  # registers per thread
     assert "| bound | 8 |" in out
+
+
+def test_bound_simulation_replays_the_selection_it_describes(tmp_path):
+    out = _run("bound_simulation.py", "--lengths", "1024", "--rows", "16", "--topk", "16", "--block-n", "16",
+               "--group", "4", cwd=tmp_path)
+    row = next(line for line in out.splitlines() if line.startswith("| 1024 |")).split("|")[1:-1]
+    mean, most = (float(x) for x in row[1].split("/"))
+    # the bound is at or below every query's 16th score, so at least 16 candidates reach it; far fewer than 1024
+    assert 16 <= mean <= most < 1024
+    assert 0 < int(row[2]) <= 32 and 0 < float(row[3]) <= 32
+
+
+def test_the_simulated_bisection_finds_the_kth_largest_key():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    from bound_simulation import kth_largest_key, order_keys
+
+    values = torch.tensor([3.0, -1.5, 2.0, 2.0, 0.0, -7.25, 5.5, float("-inf"), -0.0])
+    keys = order_keys(values)
+    assert torch.equal(values[keys.argsort(stable=True)], values.sort(stable=True).values)  # float order, signs too
+    for topk in range(1, len(values) + 1):
+        kth, steps = kth_largest_key(keys, topk)
+        assert kth == keys.sort(descending=True).values[topk - 1].item()  # ties (2.0 twice) included
+        assert steps <= 32 and (steps == 0) == (topk == len(values))  # at most one per bit of a 32-bit key

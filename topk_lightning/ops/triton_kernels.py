@@ -53,25 +53,34 @@ def _key_to_value(keys, KEY_BITS: tl.constexpr):
 
 @triton.jit
 def _kth_largest_key(keys, valid, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
-    """Per row of ``keys`` (R, N): the largest key t with at least TOPK valid keys >= t, built bit by bit.
+    """Per row of ``keys`` (R, N): the TOPK-th largest valid key, i.e. the largest t with at least TOPK valid keys
+    >= t. Rows with fewer than TOPK valid keys get the minimum integer (callers check the count).
 
-    In two's complement the sign bit splits the range and the remaining bits order each half as unsigned numbers,
-    so deciding the sign first and then setting bits greedily from the top finds t exactly.
-    Rows with fewer than TOPK valid keys get the minimum integer (callers check the count).
+    Bisection between the row's smallest and largest key, keeping at least TOPK keys >= ``lo`` and fewer than TOPK
+    > ``hi``. A row stops as soon as exactly TOPK keys are >= lo (the answer is then the smallest of them) or lo
+    meets hi (ties at the answer): a few steps when the TOPK-th and the next key are far apart in key space, never
+    more than one per key bit. The loop runs until every row of the call has stopped.
     """
     if KEY_BITS == 64:
-        low = tl.full([keys.shape[0]], -9223372036854775808, tl.int64)
-        one = tl.full([keys.shape[0]], 1, tl.int64)
+        smallest = tl.full([keys.shape[0]], -9223372036854775808, tl.int64)
+        largest = tl.full([keys.shape[0]], 9223372036854775807, tl.int64)
     else:
-        low = tl.full([keys.shape[0]], -2147483648, tl.int32)
-        one = tl.full([keys.shape[0]], 1, tl.int32)
-    non_negative = tl.sum((valid & (keys >= 0)).to(tl.int32), axis=1)
-    answer = tl.where(non_negative >= TOPK, low * 0, low)
-    for step in range(0, KEY_BITS - 1):  # bits KEY_BITS-2 .. 0; a loop, not unrolled: compactions are rare
-        candidate = answer | (one << (KEY_BITS - 2 - step))
-        count = tl.sum((valid & (keys >= candidate[:, None])).to(tl.int32), axis=1)
-        answer = tl.where(count >= TOPK, candidate, answer)
-    return answer
+        smallest = tl.full([keys.shape[0]], -2147483648, tl.int32)
+        largest = tl.full([keys.shape[0]], 2147483647, tl.int32)
+    lo = tl.min(tl.where(valid, keys, largest[:, None]), axis=1)
+    hi = tl.max(tl.where(valid, keys, smallest[:, None]), axis=1)
+    at_least_lo = tl.sum(valid.to(tl.int32), axis=1)
+    pending = (at_least_lo > TOPK) & (lo < hi)
+    while tl.max(pending.to(tl.int32), axis=0) > 0:
+        mid = (lo & hi) + ((lo ^ hi) >> 1) + ((lo ^ hi) & 1)  # ceil((lo + hi) / 2) without overflow: lo < mid <= hi
+        at_least = tl.sum((valid & (keys >= mid[:, None])).to(tl.int32), axis=1)
+        up = pending & (at_least >= TOPK)
+        lo = tl.where(up, mid, lo)
+        at_least_lo = tl.where(up, at_least, at_least_lo)
+        hi = tl.where(pending & (at_least < TOPK), mid - 1, hi)
+        pending = (at_least_lo > TOPK) & (lo < hi)
+    answer = tl.min(tl.where(valid & (keys >= lo[:, None]), keys, largest[:, None]), axis=1)
+    return tl.where(tl.sum(valid.to(tl.int32), axis=1) >= TOPK, answer, smallest)
 
 
 @triton.jit
