@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
              f"--arch {args.arch} --topk {args.topk} --head-dim {args.head_dim}`. Static SASS counts, not timings. "
              "Common path: without the stores that a branch skips unless an entry of the warp is appended. The bound "
              "kernel's loops, in order: pass 1 over whole pairs of key blocks, its masked last pair, pass 2 over whole "
-             "blocks, its masked last block, the fallback's buffer loop; its hot path is the first and third (all "
-             "key blocks but the last without padding or a causal mask). Spills (local memory ops) cost more than "
+             "blocks, its masked last block, the same two again (pass 2 from a tighter bound, for a tile whose stacks "
+             "overflowed), the fallback's buffer loop; its hot path is the first and third (all key blocks but the "
+             "last without padding or a causal mask). Spills (local memory ops) cost more than "
              "their count.",
              "",
              "| layout | warps | registers | spill stack B | key-block loops: SASS per block per warp on the common path "

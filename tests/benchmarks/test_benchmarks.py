@@ -113,21 +113,23 @@ def test_triton_sass_reads_the_forward_loops_without_a_gpu(tmp_path):
             if line.startswith("| buffer") or line.startswith("| bound")]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [("buffer", "4"), ("bound", "8")]
     buffer_loops, bound_loops = (r[4].split(";") for r in rows)
-    # the buffer kernel has one key-block loop; the bound kernel two passes (whole blocks, then the masked last one)
-    # plus the buffer fallback's loop
-    assert len(buffer_loops) == 1 and len(bound_loops) == 5
+    # the buffer kernel has one key-block loop; the bound kernel two passes (whole blocks, then the masked last one),
+    # pass 2 again for a tile whose stacks overflowed, and the buffer fallback's loop
+    assert len(buffer_loops) == 1 and len(bound_loops) == 7
     assert all(0 < int(r[2]) <= 255 for r in rows)  # registers per thread
     assert "| bound | 8 |" in out
 
 
 def test_bound_simulation_replays_the_selection_it_describes(tmp_path):
-    out = _run("bound_simulation.py", "--lengths", "1024", "--rows", "16", "--topk", "16", "--block-n", "16",
-               "--group", "4", cwd=tmp_path)
+    out = _run("bound_simulation.py", "--lengths", "1024", "--rows", "64", "--block-m", "16", "--topk", "16",
+               "--block-n", "16", "--depth", "4", "--group", "4", cwd=tmp_path)
     row = next(line for line in out.splitlines() if line.startswith("| 1024 |")).split("|")[1:-1]
     mean, most = (float(x) for x in row[1].split("/"))
     # the bound is at or below every query's 16th score, so at least 16 candidates reach it; far fewer than 1024
     assert 16 <= mean <= most < 1024
-    assert 0 < int(row[2]) <= 32 and 0 < float(row[3]) <= 32
+    first, again = (int(x) for x in row[2].split(" of ")[0].split("/"))
+    assert row[2].strip().endswith("of 4") and 0 <= again <= first <= 4  # the second pass only ever helps
+    assert 0 < float(row[3]) <= 32 and 0 < float(row[4]) <= 32
 
 
 def test_the_simulated_bisection_finds_the_kth_largest_key():

@@ -84,6 +84,26 @@ def test_bound_layout_in_fp32_the_dtype_of_its_gpu_append(monkeypatch, padded):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bound_layout_appends_again_from_a_tighter_bound_when_a_stack_overflows(monkeypatch, dtype):
+    # 16-key blocks, k=7, stacks 4 deep. The 7 largest scores sit in 4 of the 32 (lane, block parity) groups and
+    # lane 0 holds 19 middling ones, so the pass-1 bound (7th largest group maximum) falls among the small scores:
+    # lane 0's stack overflows. The 7th largest score the stacks kept is the 7th largest overall, and pass 2 from
+    # there appends exactly the 7, which must come out as the dense reference's.
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", "16,16,4,2,bound")
+    gen = torch.Generator().manual_seed(0)
+    level = torch.rand(300, generator=gen, dtype=torch.float64) * 2 - 1  # small scores in [-1, 1)
+    level[0::16] = 5 + torch.arange(19, dtype=torch.float64) / 100  # lane 0: above the bound, below the top 7
+    level[[1, 33, 2, 34, 3, 35, 4]] = torch.arange(10, 17, dtype=torch.float64)  # lanes 1-4, even blocks
+    q = torch.zeros(1, 1, 1, 8, dtype=dtype)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 300, 8, dtype=dtype)
+    k[0, 0, :, 0] = level.to(dtype)
+    v = torch.randn(1, 1, 300, 8, generator=gen, dtype=dtype)
+    inputs = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
+    _assert_close_to_reference(dict(topk=7), atol=1e-10 if dtype == torch.float64 else 1e-5, inputs=inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_bound_layout_redoes_a_tile_whose_stacks_overflow(monkeypatch, dtype):
     # Equal keys make every score tie with the bound, so every key is a candidate: the stacks (CAND // BLOCK_N = 4
     # deep here) overflow and the tile is redone through the candidate buffer, which keeps the lowest indices.

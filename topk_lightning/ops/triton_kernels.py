@@ -557,13 +557,45 @@ def _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, k_l
 
 
 @triton.jit
+def _append_pass(q, k_base, PAD, BUF_VAL, BUF_IDX, b, rows, row_ok, threshold, tile, key_end, dims, dim_ok, k_len,
+                 causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEPTH: tl.constexpr, HAS_PAD: tl.constexpr,
+                 CAUSAL: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr, SCORE_DTYPE: tl.constexpr,
+                 INLINE_PTX: tl.constexpr):
+    """Pass 2 of the bound kernel: append every visible score >= its row's threshold to the column stacks at
+    BUF_VAL / BUF_IDX (from depth 0); returns the stack heights. Unmasked over whole key blocks when there is no
+    padding or causal mask, masked over the rest; rows past the queries have threshold +inf."""
+    SLICE: tl.constexpr = BLOCK_M * BLOCK_N
+    lanes = tl.arange(0, BLOCK_N)
+    count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    row_bound = tl.broadcast_to(threshold[:, None], (BLOCK_M, BLOCK_N))
+    unmasked_end = 0
+    if not (HAS_PAD or CAUSAL):
+        unmasked_end = key_end - key_end % BLOCK_N
+    for start in range(0, unmasked_end, BLOCK_N):
+        scores = _block_scores(q, k_base, start + lanes, dims, dim_ok, k_len, stride_kn, stride_kd, IEEE,
+                               DOT_UPCAST, SCORE_DTYPE, False)
+        count = _append_above(BUF_VAL, BUF_IDX, tile, count, scores, row_bound, start, DEPTH, SLICE, BLOCK_N,
+                              INLINE_PTX)
+    for start in range(unmasked_end, key_end, BLOCK_N):
+        scores, visible = _score_tile(q, k_base, PAD, b, rows, row_ok, start + lanes, dims, dim_ok, threshold,
+                                      k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                                      HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE, False, False, False)
+        count = _append_above(BUF_VAL, BUF_IDX, tile, count, scores, tl.where(visible, row_bound, float("inf")),
+                              start, DEPTH, SLICE, BLOCK_N, INLINE_PTX)
+    return count
+
+
+@triton.jit
 def _emit_compacted(BUF_VAL, BUF_IDX, COUNTS, SMALL_VAL, SMALL_IDX, SMALL_COUNT, SMALL_THRESH, IDX, LSE,
                     base, count, pid, bh, q_len, row_first, scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEPTH: tl.constexpr, CAND_C: tl.constexpr,
-                    GROUP: tl.constexpr, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
+                    GROUP: tl.constexpr, TOPK: tl.constexpr, KEY_BITS: tl.constexpr, WRITE: tl.constexpr = True):
     """Final selection of the bound kernel, GROUP rows at a time: each row's stack entries (a few times TOPK of its
-    DEPTH * BLOCK_N slots) are packed into CAND_C slots (the caller checked they fit) and `_select_group` ranks
-    them there, so the bisection runs over CAND_C slots instead of all DEPTH * BLOCK_N."""
+    DEPTH * BLOCK_N slots; the first DEPTH of a stack that overflowed) are packed into CAND_C slots (the caller
+    checked they fit) and `_select_group` ranks them there, so the bisection runs over CAND_C slots instead of all
+    DEPTH * BLOCK_N. It leaves each row's TOPK-th largest entry (-inf below TOPK entries) in SMALL_THRESH; with
+    WRITE the kept indices and log-sum-exp go to IDX and LSE."""
     SLICE: tl.constexpr = BLOCK_M * BLOCK_N
     local = tl.arange(0, BLOCK_M)
     lanes = tl.arange(0, BLOCK_N)
@@ -591,7 +623,8 @@ def _emit_compacted(BUF_VAL, BUF_IDX, COUNTS, SMALL_VAL, SMALL_IDX, SMALL_COUNT,
         tl.debug_barrier()
         values, index, keep, position, kept = _select_group(SMALL_VAL, SMALL_IDX, SMALL_COUNT, SMALL_THRESH,
                                                             small_rows, small, TOPK, KEY_BITS)
-        _write_kept(IDX, LSE, values, index, keep, position, kept, row_first + r, bh, q_len, scale, TOPK)
+        if WRITE:
+            _write_kept(IDX, LSE, values, index, keep, position, kept, row_first + r, bh, q_len, scale, TOPK)
 
 
 @triton.jit
@@ -611,11 +644,12 @@ def topk_forward_bound_kernel(
     Pass 1 (`_row_lower_bound`) finds a threshold at or below each row's TOPK-th score. Pass 2 appends the scores
     >= threshold to column stacks of DEPTH slots (`_append_above`: elementwise in the score layout, no prefix sum;
     both passes run unmasked over whole key blocks when there is no padding or causal mask, and masked over the
-    rest) and `_emit_compacted` ranks the few candidates left (CAND_C slots per row in
-    SMALL_*; COUNTS holds the (BLOCK_M, BLOCK_N) stack heights of each program). A tile whose stacks overflow, or
-    with a row of more than CAND_C candidates (many equal scores, keys masked into few groups), is redone through
-    the candidate buffer (`_select_tile_buffered`, the stacks' memory viewed as DEPTH * BLOCK_N slots per row):
-    exact either way.
+    rest) and `_emit_compacted` ranks the few candidates left (CAND_C slots per row in SMALL_*; COUNTS holds the
+    (BLOCK_M, BLOCK_N) stack heights of each program). When a stack overflows (5-8% of the tiles on Gaussian scores
+    at DEPTH 8, `benchmarks/bound_simulation.py`), pass 2 runs again from the TOPK-th largest score the
+    stacks kept, a tighter bound. A tile that still overflows, or with a row of more than CAND_C candidates (many
+    equal scores, keys masked into few groups), is redone through the candidate buffer (`_select_tile_buffered`,
+    the stacks' memory viewed as DEPTH * BLOCK_N slots per row): exact either way.
     """
     SCORE_DTYPE = BUF_VAL.dtype.element_ty
     SLICE: tl.constexpr = BLOCK_M * BLOCK_N
@@ -630,24 +664,23 @@ def topk_forward_bound_kernel(
         threshold = _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, k_len,
                                      causal_offset, stride_kn, stride_kd, stride_pb, stride_pn, TOPK, BLOCK_N,
                                      HAS_PAD, CAUSAL, KEY_BITS, IEEE, DOT_UPCAST, SCORE_DTYPE)
-        count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        # Rows past the queries have threshold +inf; keys that must not be taken get +inf as their bound.
-        row_bound = tl.broadcast_to(threshold[:, None], (BLOCK_M, BLOCK_N))
-        unmasked_end = 0
-        if not (HAS_PAD or CAUSAL):
-            unmasked_end = key_end - key_end % BLOCK_N
-        for start in range(0, unmasked_end, BLOCK_N):
-            scores = _block_scores(q, k_base, start + lanes, dims, dim_ok, k_len, stride_kn, stride_kd, IEEE,
-                                   DOT_UPCAST, SCORE_DTYPE, False)
-            count = _append_above(BUF_VAL + base, BUF_IDX + base, tile, count, scores, row_bound, start, DEPTH,
-                                  SLICE, BLOCK_N, INLINE_PTX)
-        for start in range(unmasked_end, key_end, BLOCK_N):
-            scores, visible = _score_tile(q, k_base, PAD, b, rows, row_ok, start + lanes, dims, dim_ok, threshold,
-                                          k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
-                                          HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE, False, False, False)
-            count = _append_above(BUF_VAL + base, BUF_IDX + base, tile, count, scores,
-                                  tl.where(visible, row_bound, float("inf")), start, DEPTH, SLICE, BLOCK_N,
-                                  INLINE_PTX)
+        count = _append_pass(q, k_base, PAD, BUF_VAL + base, BUF_IDX + base, b, rows, row_ok, threshold, tile,
+                             key_end, dims, dim_ok, k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                             BLOCK_M, BLOCK_N, DEPTH, HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE, INLINE_PTX)
+        stored = tl.max(tl.sum(tl.minimum(count, DEPTH), axis=1), axis=0)
+        if (tl.max(tl.max(count, axis=1), axis=0) > DEPTH) & (stored <= CAND_C):
+            # A stack overflowed. What the stacks kept is a subset of each row's scores, so its TOPK-th largest is
+            # still at or below the row's TOPK-th score, and much closer to it than the pass-1 bound: append again
+            # from there (about TOPK entries per row), which overflows only where one lane holds many of the kept.
+            _emit_compacted(BUF_VAL, BUF_IDX, COUNTS, SMALL_VAL, SMALL_IDX, SCRATCH_COUNT, SCRATCH_THRESH, IDX,
+                            LSE, base, count, pid, bh, q_len, row_block * BLOCK_M, scale, BLOCK_M, BLOCK_N, DEPTH,
+                            CAND_C, GROUP, TOPK, KEY_BITS, False)
+            tl.debug_barrier()  # every row's threshold is written and every stack read before the stacks refill
+            threshold = tl.where(row_ok, tl.load(SCRATCH_THRESH + pid * BLOCK_M + local), float("inf"))
+            count = _append_pass(q, k_base, PAD, BUF_VAL + base, BUF_IDX + base, b, rows, row_ok, threshold, tile,
+                                 key_end, dims, dim_ok, k_len, causal_offset, stride_kn, stride_kd, stride_pb,
+                                 stride_pn, BLOCK_M, BLOCK_N, DEPTH, HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE,
+                                 INLINE_PTX)
         deepest = tl.max(tl.max(count, axis=1), axis=0)
         most = tl.max(tl.sum(count, axis=1), axis=0)
         if (deepest <= DEPTH) & (most <= CAND_C):
