@@ -130,6 +130,21 @@ def test_grouped_heads_and_non_contiguous_inputs_fp32():
     _assert_close_to_reference(dict(topk=6, key_padding_mask=_padding(2, 45)), atol=2e-5, inputs=(q_t, k_t, v_t))
 
 
+def test_half_precision_key_gradients_are_the_same_one_kv_head_at_a_time(monkeypatch):
+    # fp32 dK/dV accumulators are filled a group of kv heads per launch (ACCUMULATOR_BUDGET_BYTES); with a budget
+    # of one byte every kv head gets its own launch, and each head's sums must not change.
+    from topk_lightning.ops import triton_backend
+
+    q, k, v = _inputs(heads=6, kv_heads=3, dim=16, dtype=torch.float16)
+    out = topk_attention(q, k, v, topk=6, backend="triton")
+    together = _grads(out, (q, k, v))
+    monkeypatch.setattr(triton_backend, "ACCUMULATOR_BUDGET_BYTES", 1)
+    out = topk_attention(q, k, v, topk=6, backend="triton")
+    for got, want in zip(_grads(out, (q, k, v)), together):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert together[1].abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_rounding_of_fp64(dtype):
     q, k, v = _inputs(dim=16, dtype=dtype)
