@@ -2,8 +2,9 @@
 
 Each configuration ``BLOCK_M,BLOCK_N,num_warps[,SEGMENT[,layout]]`` is passed through TOPK_LIGHTNING_TRITON_FWD
 (the override that `topk_lightning.ops.triton_backend.forward_config` reads) and checked against the default
-configuration's output before it is timed (CUDA events, median). Prints a table; the fastest configuration is the
-one to make default.
+configuration before it is timed (CUDA events, median): every query must keep the same set of keys (all layouts
+break ties towards lower key indices) and the outputs must agree to bf16 rounding. Prints a table; the fastest
+configuration that passes the check is the one to make default.
 
     python benchmarks/tune_triton.py --lengths 4096 32768 --configs 64,64,8,2,bound 64,64,4,2,buffer
 """
@@ -33,6 +34,12 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def kept_keys(out):
+    """The key indices each query kept, sorted, from the output of ``topk_attention(..., backend="triton")`` on
+    inputs that require grad (the kernels save them for the backward)."""
+    return out.grad_fn.saved_tensors[3].sort(dim=-1).values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
@@ -54,25 +61,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; B={args.batch} H={args.heads} "
           f"D={args.head_dim} topk={args.topk} bfloat16")
     print("| L | config (BLOCK_M,BLOCK_N,warps,SEGMENT,layout) | forward ms | backward ms | fwd+bwd ms | "
-          "max abs diff to default |")
+          "max abs diff to default | queries keeping other keys |")
     timings = {}
-    print("|---:|---|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for length in args.lengths:
         torch.manual_seed(0)
         shape = (args.batch, args.heads, length, args.head_dim)
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         os.environ.pop("TOPK_LIGHTNING_TRITON_FWD", None)
-        reference = topk_attention(q, k, v, topk=args.topk, backend="triton").detach()
+        reference = topk_attention(q, k, v, topk=args.topk, backend="triton")
+        reference_keys = kept_keys(reference)
+        reference = reference.detach()
         for config in ["default", *args.configs]:
             if config == "default":
                 os.environ.pop("TOPK_LIGHTNING_TRITON_FWD", None)
             else:
                 os.environ["TOPK_LIGHTNING_TRITON_FWD"] = config
             try:
-                with torch.no_grad():
-                    out = topk_attention(q, k, v, topk=args.topk, backend="triton")
-                diff = (out.float() - reference.float()).abs().max().item()
+                out = topk_attention(q, k, v, topk=args.topk, backend="triton")
+                others = (kept_keys(out) != reference_keys).any(dim=-1).sum().item()
+                diff = (out.detach().float() - reference.float()).abs().max().item()
+                del out
                 forward = _time(lambda: topk_attention(q, k, v, topk=args.topk, backend="triton"), args.repeats)
 
                 def both():
@@ -80,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 total = _time(both, args.repeats)
             except Exception as error:  # a configuration that does not compile or fit: report, go on
-                print(f"| {length} | {config} | failed: {type(error).__name__}: {str(error)[:80]} | | | |")
+                print(f"| {length} | {config} | failed: {type(error).__name__}: {str(error)[:80]} | | | | |")
                 continue
-            print(f"| {length} | {config} | {forward:.2f} | {total - forward:.2f} | {total:.2f} | {diff:.2e} |",
-                  flush=True)
-            if diff < 0.05:  # bf16 outputs; a configuration that disagrees is never picked
+            print(f"| {length} | {config} | {forward:.2f} | {total - forward:.2f} | {total:.2f} | {diff:.2e} | "
+                  f"{others} |", flush=True)
+            if others == 0 and diff < 0.05:  # a configuration that selects differently is never picked
                 timings[(length, config)] = total
     os.environ.pop("TOPK_LIGHTNING_TRITON_FWD", None)
     longest = max(args.lengths)

@@ -144,3 +144,22 @@ def test_the_simulated_bisection_finds_the_kth_largest_key():
         kth, steps = kth_largest_key(keys, topk)
         assert kth == keys.sort(descending=True).values[topk - 1].item()  # ties (2.0 twice) included
         assert steps <= 32 and (steps == 0) == (topk == len(values))  # at most one per bit of a 32-bit key
+
+
+def test_tune_triton_reads_the_kept_keys_of_a_triton_output(monkeypatch):
+    # the tile sweep rejects a configuration whose queries keep other keys than the default's; on the CPU the
+    # kernels run in Triton's interpreter
+    pytest.importorskip("triton")
+    import torch
+
+    from topk_lightning.ops import topk_attention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from tune_triton import kept_keys
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kept = kept_keys(topk_attention(q, k, v, topk=3, backend="triton"))
+    expected = (q @ k.transpose(-1, -2)).topk(3, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(kept.long(), expected)
