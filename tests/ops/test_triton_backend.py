@@ -83,6 +83,26 @@ def test_bound_layout_in_fp32_the_dtype_of_its_gpu_append(monkeypatch, padded):
                                dim=16, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["buffer", "stacks", "bound"])
+def test_every_layout_keeps_the_lowest_index_of_keys_tied_at_the_kth_score(monkeypatch, layout):
+    # Keys 5 and 67 tie for the 7th place behind 208-213. The bound kernel packs candidates in (depth, lane) order,
+    # where key 67 (lane 3 of 16) comes before key 5 (lane 5): key order must still decide.
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", f"16,16,4,2,{layout}")
+    gen = torch.Generator().manual_seed(0)
+    level = torch.rand(300, generator=gen, dtype=torch.float64) * 2 - 1
+    level[[5, 67]] = 5.0
+    level[208:214] = torch.arange(10, 16, dtype=torch.float64)
+    q = torch.zeros(1, 1, 1, 8, dtype=torch.float64)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 300, 8, dtype=torch.float64)
+    k[0, 0, :, 0] = level
+    v = torch.randn(1, 1, 300, 8, generator=gen, dtype=torch.float64)
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
+    out = topk_attention(q, k, v, topk=7, backend="triton")
+    kept = out.grad_fn.saved_tensors[3].flatten().sort().values.tolist()  # the kernels' saved key indices
+    assert kept == [5, 208, 209, 210, 211, 212, 213]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_bound_layout_appends_again_from_a_tighter_bound_when_a_stack_overflows(monkeypatch, dtype):
     # 16-key blocks, k=7, stacks 4 deep. The 7 largest scores sit in 4 of the 32 (lane, block parity) groups and

@@ -84,11 +84,13 @@ def _kth_largest_key(keys, valid, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _select_group(VAL, IDX_BUF, COUNT, THRESH, rows, slots, TOPK: tl.constexpr, KEY_BITS: tl.constexpr):
+def _select_group(VAL, IDX_BUF, COUNT, THRESH, rows, slots, TOPK: tl.constexpr, KEY_BITS: tl.constexpr,
+                  KEY_ORDER: tl.constexpr = True):
     """Keep the TOPK largest buffered candidates of the buffer rows ``rows`` (one per warp), moved to the front of
     each row in buffer order; counts and thresholds (the k-th largest value, or -inf while a row holds fewer than
     TOPK entries) are written back to COUNT/THRESH. Returns the kept values, their key indices and new positions,
-    and the counts, for the final call's softmax."""
+    and the counts, for the final call's softmax. Of entries tied at the k-th value the lowest key indices stay:
+    the first in buffer order when the buffer is in key order (KEY_ORDER), else found by bisection over indices."""
     count = tl.load(COUNT + rows)
     valid = slots[None, :] < count[:, None]
     offsets = rows[:, None].to(tl.int64) * slots.shape[0] + slots[None, :]
@@ -100,7 +102,19 @@ def _select_group(VAL, IDX_BUF, COUNT, THRESH, rows, slots, TOPK: tl.constexpr, 
     above = valid & (keys > kth[:, None])
     tied = valid & (keys == kth[:, None])
     room = TOPK - tl.sum(above.to(tl.int32), axis=1)
-    keep = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=1) <= room[:, None]))
+    if KEY_ORDER:
+        keep = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=1) <= room[:, None]))
+    else:
+        # The room-th smallest tied index, bit by bit; only when some row has more tied entries than room.
+        index_cut = tl.full([rows.shape[0]], 2147483647, tl.int32)
+        if tl.max(tl.where(full, tl.sum(tied.to(tl.int32), axis=1) - room, 0), axis=0) > 0:
+            cut = tl.zeros([rows.shape[0]], dtype=tl.int32)
+            for step in range(0, 31):
+                candidate = cut + (tl.full([rows.shape[0]], 1, tl.int32) << (30 - step))
+                below = tl.sum((tied & (index < candidate[:, None])).to(tl.int32), axis=1)
+                cut = tl.where(below < room, candidate, cut)
+            index_cut = cut
+        keep = above | (tied & (index <= index_cut[:, None]))
     keep = tl.where(full[:, None], keep, valid)
     position = tl.cumsum(keep.to(tl.int32), axis=1) - 1
     new_count = tl.sum(keep.to(tl.int32), axis=1)
@@ -621,8 +635,9 @@ def _emit_compacted(BUF_VAL, BUF_IDX, COUNTS, SMALL_VAL, SMALL_IDX, SMALL_COUNT,
         tl.store(SMALL_IDX + target, index, mask=valid)
         tl.store(SMALL_COUNT + small_rows, tl.sum(valid.to(tl.int32), axis=1))
         tl.debug_barrier()
+        # packed in (depth, lane) order, not key order: ties at the k-th value are resolved by key index
         values, index, keep, position, kept = _select_group(SMALL_VAL, SMALL_IDX, SMALL_COUNT, SMALL_THRESH,
-                                                            small_rows, small, TOPK, KEY_BITS)
+                                                            small_rows, small, TOPK, KEY_BITS, False)
         if WRITE:
             _write_kept(IDX, LSE, values, index, keep, position, kept, row_first + r, bh, q_len, scale, TOPK)
 
