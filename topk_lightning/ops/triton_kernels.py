@@ -186,9 +186,8 @@ def _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold, 
                 ROW_MASK: tl.constexpr = True):
     """Unscaled scores q . k of a (BLOCK_M, BLOCK_N) tile against keys ``cols`` (a positive scale does not change
     which keys rank highest, so the selection never multiplies: `_write_kept` scales the kept ones), and which of
-    them to append: above the
-    row's threshold (or equal to it, INCLUSIVE; any score without COMPARE), on a real row and key, not padding, not
-    in the causal future (rows past the queries are masked unless not ROW_MASK)."""
+    them to append: above the row's threshold (or equal to it, INCLUSIVE; any score without COMPARE), on a real row
+    and key, not padding, not in the causal future (rows past the queries are masked unless not ROW_MASK)."""
     col_ok = cols < k_len
     scores = _block_scores(q, k_base, cols, dims, dim_ok, k_len, stride_kn, stride_kd, IEEE, DOT_UPCAST, SCORE_DTYPE)
     if not COMPARE:
@@ -496,8 +495,8 @@ def _append_above(VAL, IDX_BUF, tile, count, scores, bound, start, DEPTH: tl.con
                   BLOCK_N: tl.constexpr, INLINE_PTX: tl.constexpr):
     """Append every score >= ``bound`` (per entry; +inf where a key must not be taken) to its column stack: entry
     (r, c) of the tile goes to ``VAL[min(count, DEPTH - 1) * SLICE + tile]`` with its key index ``start + c`` in
-    IDX_BUF. Returns the new stack heights; past DEPTH an entry overwrites the last slot (the caller redoes the
-    tile). On CUDA (32-bit scores) each entry is inline PTX in the tensor-core layout the scores come in: a compare,
+    IDX_BUF. Returns the new stack heights; past DEPTH an entry overwrites the last slot (the caller then appends
+    again from a tighter bound, or redoes the tile). On CUDA (32-bit scores) each entry is inline PTX in the tensor-core layout the scores come in: a compare,
     a warp vote and a branch over the stores, which run only when an entry of the warp passes (a few in a thousand
     at long inputs). `tl.store` would instead compute every address and first move the whole tile to a store layout
     through shared memory (sm_90 SASS: `benchmarks/triton_sass.py`)."""
