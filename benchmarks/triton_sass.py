@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         report = analyse(cubin, head_dim=args.head_dim)
         loops = "; ".join(f"{loop['common'] / loop['blocks']:.0f} ({loop['local_memory']} / "
                           f"{loop['shared_memory']})" for loop in report["loops"])
-        # The hot path: the one key loop; for the bound kernel, whose loops come in source order (pass 1 over whole
-        # pairs of blocks, its masked last pair, pass 2 over whole blocks, its masked last block, the fallback's
-        # loop), the two passes over whole blocks, which is all of them without padding or a causal mask.
+        # The hot path: the one key loop; for the bound kernel, whose loops come in source order (as the table's
+        # legend lists them), the two passes over whole blocks, all key blocks but the last without padding or a
+        # causal mask.
         hot = [report["loops"][0], report["loops"][2]] if config["layout"] == "bound" else report["loops"][:1]
         total = sum(loop["common"] / loop["blocks"] for loop in hot) * num_warps
         lines.append(f"| {config['layout']} | {num_warps} | {report['registers']} | {report['stack']} | {loops} | "

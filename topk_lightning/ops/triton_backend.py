@@ -85,8 +85,9 @@ def forward_config(topk: int, head_dim: int, dtype: torch.dtype) -> dict:
     # benchmarks/results/attention_cuda.md). The "stacks" layout compiles without register spills for D <= 128
     # (ptxas) and passes the interpreter tests, but has not yet run on a GPU: select it with
     # TOPK_LIGHTNING_TRITON_FWD=64,64,8,2,stacks (BLOCK_N 32 for D > 64) and measure before relying on it.
-    # Likewise "bound" (TOPK_LIGHTNING_TRITON_FWD=64,64,8,2,bound): 0.6x the buffer kernel's SASS instructions per
-    # key block for sm_90 (benchmarks/triton_sass.py), no timing yet; benchmarks/tune_triton.py tries it first.
+    # Likewise "bound" (TOPK_LIGHTNING_TRITON_FWD=64,64,8,2,bound): 0.28x the buffer kernel's SASS instructions per
+    # key block for sm_90 on its common path (benchmarks/triton_sass.py), never run on a GPU yet;
+    # benchmarks/tune_triton.py tries it first.
     config = {"BLOCK_M": 64, "BLOCK_N": 64 if head_dim <= 128 else 32, "num_warps": 4, "num_stages": 3,
               "SEGMENT": 2, "layout": "buffer"}
     override = os.environ.get("TOPK_LIGHTNING_TRITON_FWD")  # "BLOCK_M,BLOCK_N,num_warps,SEGMENT[,layout]"
