@@ -12,6 +12,7 @@ compare kernel variants on a machine without a GPU; measure with `benchmarks/tun
 
     python benchmarks/triton_sass.py                       # sm_90 (H100/H200), k=64, D=64
     python benchmarks/triton_sass.py --arch 90 --topk 64 --head-dim 64 --markdown benchmarks/results/triton_sass.md
+    python benchmarks/triton_sass.py --padding lengths     # a right-padded batch (key counts); mask: any key mask
 """
 
 from __future__ import annotations
@@ -34,16 +35,18 @@ _DIVISIBLE = {"stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "
               "row_blocks", "num_tiles"}
 
 
-def _pointer_type(name: str, dtype: str) -> str:
+def _pointer_type(name: str, dtype: str, padding: str) -> str:
     if name in ("Q", "K"):
         return f"*{dtype}"
     if name == "PAD":
-        return "*u8"
+        return "*i32" if padding == "lengths" else "*u8"
     return "*i32" if ("IDX" in name or "COUNT" in name) else "*fp32"
 
 
-def compile_layout(layout: str, *, arch: int, topk: int, head_dim: int, warps: int | None, block_m: int | None):
-    """The compiled kernel (cubin bytes) and its forward_config for one layout."""
+def compile_layout(layout: str, *, arch: int, topk: int, head_dim: int, warps: int | None, block_m: int | None,
+                   padding: str = "none"):
+    """The compiled kernel (cubin bytes) and its forward_config for one layout; ``padding``: "none", "mask" (a key
+    mask of any pattern) or "lengths" (right padding, read as each batch's key count)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -58,7 +61,8 @@ def compile_layout(layout: str, *, arch: int, topk: int, head_dim: int, warps: i
     finally:
         os.environ.pop("TOPK_LIGHTNING_TRITON_FWD")
     constants = triton_backend.forward_constants(config, topk, head_dim, torch.bfloat16, causal=False,
-                                                 has_pad=False, on_cuda=True)
+                                                 has_pad=padding == "mask", key_lengths=padding == "lengths",
+                                                 on_cuda=True)
     options = {"num_warps": constants.pop("num_warps"), "num_stages": constants.pop("num_stages")}
     kernel = getattr(triton_kernels, triton_backend.FORWARD_KERNELS[config["layout"]])
     constants.update({name: 1 for name in _ONES if name in kernel.arg_names})
@@ -67,7 +71,7 @@ def compile_layout(layout: str, *, arch: int, topk: int, head_dim: int, warps: i
         if name in constants:
             signature[name] = "constexpr"
         elif name[0].isupper():
-            signature[name] = _pointer_type(name, "bf16")
+            signature[name] = _pointer_type(name, "bf16", padding)
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
@@ -136,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--configs", nargs="+", default=["buffer:4", "buffer:8", "stacks:8", "bound:4", "bound:8"],
                         help="layout:num_warps pairs")
+    parser.add_argument("--padding", nargs="+", choices=("none", "lengths", "mask"), default=["none"],
+                        help="compile for batches without padding (default), right-padded (read as key counts), "
+                        "or with a key mask of any pattern; one table row per layout and padding")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -150,27 +157,35 @@ def main(argv: list[str] | None = None) -> int:
              "kernel's loops, in order: pass 1 over whole pairs of key blocks, its masked last pair, pass 2 over whole "
              "blocks, its masked last block, the same two again (pass 2 from a tighter bound, for a tile whose stacks "
              "overflowed), the fallback's buffer loop; its hot path is the first and third (all key blocks but the "
-             "last without padding or a causal mask). Spills (local memory ops) cost more than "
-             "their count.",
+             "last without padding or a causal mask, or up to each batch's key count with right padding; with a "
+             "key mask of any pattern the unmasked loops are compiled out and the masked ones are the hot path). "
+             "Padding: none; lengths (right padding, as tokenizers pad: each batch's key count, loops stop there); "
+             "mask (any pattern, read per key). Spills (local memory ops) cost more than their count.",
              "",
-             "| layout | warps | registers | spill stack B | key-block loops: SASS per block per warp on the common path "
-             "(local / shared memory ops) | hot-path warp-instructions per key block | other innermost loops "
-             "(selection): SASS per iteration per warp |", "|---|---:|---:|---:|---|---:|---|"]
+             "| layout | warps | padding | registers | spill stack B | key-block loops: SASS per block per warp on the "
+             "common path (local / shared memory ops) | hot-path warp-instructions per key block | other innermost "
+             "loops (selection): SASS per iteration per warp |", "|---|---:|---|---:|---:|---|---:|---|"]
     for item in args.configs:
         layout, warps = item.split(":")
-        cubin, config, num_warps = compile_layout(layout, arch=args.arch, topk=args.topk, head_dim=args.head_dim,
-                                                  warps=int(warps), block_m=None)
-        report = analyse(cubin, head_dim=args.head_dim)
-        loops = "; ".join(f"{loop['common'] / loop['blocks']:.0f} ({loop['local_memory']} / "
-                          f"{loop['shared_memory']})" for loop in report["loops"])
-        # The hot path: the one key loop; for the bound kernel, whose loops come in source order (as the table's
-        # legend lists them), the two passes over whole blocks, all key blocks but the last without padding or a
-        # causal mask.
-        hot = [report["loops"][0], report["loops"][2]] if config["layout"] == "bound" else report["loops"][:1]
-        total = sum(loop["common"] / loop["blocks"] for loop in hot) * num_warps
-        lines.append(f"| {config['layout']} | {num_warps} | {report['registers']} | {report['stack']} | {loops} | "
-                     f"{total:.0f} | {'; '.join(map(str, report['selection']))} |")
-        print(lines[-1], flush=True)
+        for padding in args.padding:
+            cubin, config, num_warps = compile_layout(layout, arch=args.arch, topk=args.topk, head_dim=args.head_dim,
+                                                      warps=int(warps), block_m=None, padding=padding)
+            report = analyse(cubin, head_dim=args.head_dim)
+            loops = "; ".join(f"{loop['common'] / loop['blocks']:.0f} ({loop['local_memory']} / "
+                              f"{loop['shared_memory']})" for loop in report["loops"])
+            # The hot path: the one key loop; for the bound kernel, whose loops come in source order (as the
+            # table's legend lists them), the two passes over whole blocks (pass 1, pass 2), or with a key mask,
+            # where those are compiled out, the two masked ones.
+            if config["layout"] != "bound":
+                hot = report["loops"][:1]
+            elif padding == "mask":
+                hot = report["loops"][:2]
+            else:
+                hot = [report["loops"][0], report["loops"][2]]
+            total = sum(loop["common"] / loop["blocks"] for loop in hot) * num_warps
+            lines.append(f"| {config['layout']} | {num_warps} | {padding} | {report['registers']} | "
+                         f"{report['stack']} | {loops} | {total:.0f} | {'; '.join(map(str, report['selection']))} |")
+            print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.markdown:
         from topk_lightning.atomic import atomic_output

@@ -107,17 +107,21 @@ def _triton_sass_tools_present():
 @pytest.mark.slow
 @pytest.mark.skipif(not _triton_sass_tools_present(), reason="needs the CUDA tools that ship in the triton wheel")
 def test_triton_sass_reads_the_forward_loops_without_a_gpu(tmp_path):
-    out = _run("triton_sass.py", "--configs", "buffer:4", "bound:8", "--markdown", str(tmp_path / "sass.md"),
-               cwd=tmp_path)
-    rows = [line.split("|")[1:-1] for line in (tmp_path / "sass.md").read_text().splitlines()
+    out = _run("triton_sass.py", "--configs", "buffer:4", "bound:8", "--padding", "lengths", "mask",
+               "--markdown", str(tmp_path / "sass.md"), cwd=tmp_path)
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in (tmp_path / "sass.md").read_text().splitlines()
             if line.startswith("| buffer") or line.startswith("| bound")]
-    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("buffer", "4"), ("bound", "8")]
-    buffer_loops, bound_loops = (r[4].split(";") for r in rows)
+    assert [r[:3] for r in rows] == [["buffer", "4", "lengths"], ["buffer", "4", "mask"], ["bound", "8", "lengths"],
+                                     ["bound", "8", "mask"]]
+    loops = [r[5].split(";") for r in rows]
     # the buffer kernel has one key-block loop; the bound kernel two passes (whole blocks, then the masked last one),
-    # pass 2 again for a tile whose stacks overflowed, and the buffer fallback's loop
-    assert len(buffer_loops) == 1 and len(bound_loops) == 7
-    assert all(0 < int(r[2]) <= 255 for r in rows)  # registers per thread
-    assert "| bound | 8 |" in out
+    # pass 2 again for a tile whose stacks overflowed, and the buffer fallback's loop. A key mask of any pattern
+    # leaves only the masked loops; right padding (key counts) keeps the unmasked ones, which cost fewer instructions.
+    assert [len(x) for x in loops] == [1, 1, 7, 4]
+    hot = [int(r[6]) for r in rows]
+    assert hot[2] < hot[3] and hot[0] < hot[1]
+    assert all(0 < int(r[3]) <= 255 for r in rows)  # registers per thread
+    assert "| bound | 8 | mask |" in out
 
 
 def test_bound_simulation_replays_the_selection_it_describes(tmp_path):

@@ -73,6 +73,34 @@ def test_bound_layout_with_ragged_tiles_and_topk_near_the_block(monkeypatch, top
                                    batch=1, q_len=70, k_len=200)
 
 
+def _right_padding(lengths, k_len):
+    """Right padding, as tokenizers pad a batch: batch b sees its first lengths[b] keys."""
+    return (torch.arange(k_len)[None, :] < torch.tensor(lengths)[:, None]).to(DEVICE)
+
+
+def test_key_padding_layout_reads_right_padding_as_lengths():
+    from topk_lightning.ops.triton_backend import key_padding_layout
+
+    assert key_padding_layout(None) == (None, "none")
+    assert key_padding_layout(torch.ones(2, 7, dtype=torch.bool, device=DEVICE)) == (None, "none")
+    lengths, layout = key_padding_layout(_right_padding([7, 3, 0], 7))
+    assert layout == "lengths" and lengths.dtype == torch.int32 and lengths.tolist() == [7, 3, 0]
+    for holes in (_right_padding([7, 3], 7).flip(-1), _padding(2, 7)):  # left padding; random holes
+        mask, layout = key_padding_layout(holes)
+        assert layout == "mask" and torch.equal(mask, holes.to(torch.uint8))
+
+
+@pytest.mark.parametrize("layout", ["buffer", "stacks", "bound"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_right_padded_batches_read_as_key_lengths_equal_dense_topk(monkeypatch, layout, causal):
+    # Each batch's keys end at its own length: a whole number of 16-key blocks (128), mid-block (131, 5) and none
+    # (0: rows give zeros); the loops stop there and run unmasked over whole blocks before it.
+    monkeypatch.setenv("TOPK_LIGHTNING_TRITON_FWD", f"16,16,4,2,{layout}")
+    mask = _right_padding([200, 131, 128, 5, 0], 200)
+    _assert_close_to_reference(dict(topk=16, causal=causal, key_padding_mask=mask), atol=1e-10, batch=5,
+                               heads=2, kv_heads=1, q_len=70, k_len=200)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_bound_layout_in_fp32_the_dtype_of_its_gpu_append(monkeypatch, padded):
     # On CUDA, fp32 / bf16 / fp16 inputs take the inline-PTX append (fp64 and the interpreter take tl.store): this
@@ -81,6 +109,9 @@ def test_bound_layout_in_fp32_the_dtype_of_its_gpu_append(monkeypatch, padded):
     mask = _padding(1, 200) if padded else None
     _assert_close_to_reference(dict(topk=16, key_padding_mask=mask), atol=2e-5, batch=1, q_len=70, k_len=200,
                                dim=16, dtype=torch.float32)
+    if padded:  # and right padding, read as key lengths
+        _assert_close_to_reference(dict(topk=16, key_padding_mask=_right_padding([200, 77], 200)), atol=2e-5,
+                                   batch=2, q_len=70, k_len=200, dim=16, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["buffer", "stacks", "bound"])

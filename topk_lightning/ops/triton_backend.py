@@ -112,11 +112,15 @@ FORWARD_KERNELS = {"buffer": "topk_forward_kernel", "stacks": "topk_forward_stac
 
 
 def forward_constants(config: dict, topk: int, head_dim: int, dtype: torch.dtype, *, causal: bool, has_pad: bool,
-                      on_cuda: bool) -> dict:
-    """Compile-time arguments (and num_warps / num_stages) of the forward kernel of ``config["layout"]``."""
+                      on_cuda: bool, key_lengths: bool = False) -> dict:
+    """Compile-time arguments (and num_warps / num_stages) of the forward kernel of ``config["layout"]``.
+    ``has_pad``: a key mask of any pattern is read per key; ``key_lengths``: each batch's keys are a prefix whose
+    length is read once per tile (the two exclude each other)."""
+    if has_pad and key_lengths:
+        raise ValueError("forward_constants: has_pad and key_lengths exclude each other")
     constants = dict(
         TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_M=config["BLOCK_M"],
-        BLOCK_N=config["BLOCK_N"], SEGMENT=config["SEGMENT"], HAS_PAD=has_pad, CAUSAL=causal,
+        BLOCK_N=config["BLOCK_N"], SEGMENT=config["SEGMENT"], HAS_PAD=has_pad, CAUSAL=causal, KEY_LENGTHS=key_lengths,
         KEY_BITS=64 if dtype == torch.float64 else 32, IEEE=dtype in (torch.float32, torch.float64),
         DOT_UPCAST=not on_cuda and dtype == torch.bfloat16,  # the interpreter multiplies bf16 tiles wrongly
         num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -157,6 +161,24 @@ def gather_config(topk: int, head_dim: int) -> dict:
     return {"BLOCK_R": block_r, "TOPK_P2": topk_p2, "num_warps": 4}
 
 
+def key_padding_layout(key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, str]:
+    """How the forward kernels read a (B, Lk) bool key mask: ``(None, "none")`` when every key is visible,
+    ``(lengths, "lengths")`` when each batch's visible keys are a prefix (right padding, what tokenizers produce;
+    int32 (B,) counts: the kernels stop there and need no per-key mask), else ``(mask as uint8, "mask")``.
+    One host synchronisation, as the all-visible check alone needed."""
+    if key_padding_mask is None:
+        return None, "none"
+    lengths = key_padding_mask.sum(-1, dtype=torch.int32)
+    positions = torch.arange(key_padding_mask.shape[-1], device=key_padding_mask.device)
+    prefix = key_padding_mask == (positions[None, :] < lengths[:, None])
+    every_key, is_prefix = torch.stack([key_padding_mask.all(), prefix.all()]).tolist()
+    if every_key:
+        return None, "none"
+    if is_prefix:
+        return lengths, "lengths"
+    return key_padding_mask.to(torch.uint8), "mask"
+
+
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
@@ -186,11 +208,13 @@ class TritonTopKAttention(torch.autograd.Function):
                 programs = min(num_tiles, _program_slots(query.device.index or 0))
             else:  # the interpreter runs programs one after another
                 programs = min(num_tiles, 2)
-            has_pad = key_padding_mask is not None and not bool(key_padding_mask.all())
-            pad = key_padding_mask.to(torch.uint8) if has_pad else kept_index
+            pad, layout = key_padding_layout(key_padding_mask)
+            has_pad, key_lengths = layout == "mask", layout == "lengths"
+            pad = kept_index if pad is None else pad
             constants = forward_constants(config, k, head_dim, query.dtype, causal=bool(causal), has_pad=has_pad,
-                                          on_cuda=query.device.type == "cuda")
-            shape_args = (*_strides(query), *_strides(key), *(_strides(pad) if has_pad else (0, 0)),
+                                          key_lengths=key_lengths, on_cuda=query.device.type == "cuda")
+            shape_args = (*_strides(query), *_strides(key), *((*_strides(pad), 0) if key_lengths else
+                                                              _strides(pad) if has_pad else (0, 0)),
                           heads, heads // kv_heads, q_len, k_len, row_blocks, num_tiles, k_len - q_len)
             scratch = _forward_scratch(config, programs, score_dtype, query.device)
             getattr(kernels, FORWARD_KERNELS[config["layout"]])[(programs,)](

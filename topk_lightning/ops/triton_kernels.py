@@ -142,11 +142,13 @@ def _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, 
 
 
 @triton.jit
-def _open_tile(tile, Q, K, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
-               stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
-               BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_UPCAST: tl.constexpr):
+def _open_tile(tile, Q, K, PAD, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
+               stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_pb,
+               BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_UPCAST: tl.constexpr, KEY_LENGTHS: tl.constexpr):
     """Tile number -> (batch x head, row block, batch, its query rows and which are real, the query tile, the base
-    of its kv head's keys, and the end of the keys it can see)."""
+    of its kv head's keys, the end of the keys it can see, and its batch's key count). With KEY_LENGTHS, PAD holds
+    each batch's key count (a right-padded mask, as tokenizers pad): the loops stop there, so padding costs no
+    score and every whole key block before it runs unmasked."""
     bh = tile // row_blocks
     row_block = tile % row_blocks
     b = bh // heads
@@ -156,10 +158,13 @@ def _open_tile(tile, Q, K, heads, group, q_len, k_len, row_blocks, causal_offset
     q = _load_query_tile(Q, b, h, rows, row_ok, dims, dim_ok, stride_qb, stride_qh, stride_qm, stride_qd,
                          DOT_UPCAST)
     k_base = K + b * stride_kb + (h // group) * stride_kh
-    key_end = k_len
+    seen = k_len
+    if KEY_LENGTHS:
+        seen = tl.load(PAD + b * stride_pb)
+    key_end = seen
     if CAUSAL:
-        key_end = tl.minimum(k_len, row_block * BLOCK_M + BLOCK_M + causal_offset)
-    return bh, row_block, b, rows, row_ok, q, k_base, key_end
+        key_end = tl.minimum(seen, row_block * BLOCK_M + BLOCK_M + causal_offset)
+    return bh, row_block, b, rows, row_ok, q, k_base, key_end, seen
 
 
 @triton.jit
@@ -282,7 +287,7 @@ def topk_forward_kernel(
     heads, group, q_len, k_len, row_blocks, num_tiles, causal_offset,
     TOPK: tl.constexpr, CAND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENT: tl.constexpr, GROUP: tl.constexpr,
-    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, KEY_LENGTHS: tl.constexpr,
     KEY_BITS: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Selection: each row's kept key indices (IDX, (B*H*Lq, TOPK), -1 past the row's count) and the log-sum-exp
@@ -301,12 +306,13 @@ def topk_forward_kernel(
     dim_ok = dims < HEAD_DIM
 
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        bh, row_block, b, rows, row_ok, q, k_base, key_end = _open_tile(
-            tile, Q, K, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
-            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, BLOCK_M, CAUSAL, DOT_UPCAST)
+        bh, row_block, b, rows, row_ok, q, k_base, key_end, seen = _open_tile(
+            tile, Q, K, PAD, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_pb, BLOCK_M, CAUSAL, DOT_UPCAST,
+            KEY_LENGTHS)
         _select_tile_buffered(q, k_base, PAD, IDX, LSE, SCRATCH_VAL, SCRATCH_IDX, SCRATCH_COUNT, SCRATCH_THRESH,
                               b, bh, rows, row_ok, pid * BLOCK_M, row_block * BLOCK_M, key_end, dims, dim_ok, scale,
-                              q_len, k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                              q_len, seen, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
                               TOPK, CAND, BLOCK_M, BLOCK_N, SEGMENT, GROUP, HAS_PAD, CAUSAL, KEY_BITS, IEEE,
                               DOT_UPCAST, SCORE_DTYPE)
         tl.debug_barrier()  # the buffer is reused by the next tile
@@ -428,7 +434,7 @@ def topk_forward_stacks_kernel(
     heads, group, q_len, k_len, row_blocks, num_tiles, causal_offset,
     TOPK: tl.constexpr, DEPTH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENT: tl.constexpr,
-    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, KEY_LENGTHS: tl.constexpr,
     KEY_BITS: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Selection, like `topk_forward_kernel`, with the candidate buffer laid out as column stacks.
@@ -445,16 +451,17 @@ def topk_forward_stacks_kernel(
                                                                          BLOCK_N, DEPTH)
 
     for tile_id in range(pid, num_tiles, tl.num_programs(0)):
-        bh, row_block, b, rows, row_ok, q, k_base, key_end = _open_tile(
-            tile_id, Q, K, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
-            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, BLOCK_M, CAUSAL, DOT_UPCAST)
+        bh, row_block, b, rows, row_ok, q, k_base, key_end, seen = _open_tile(
+            tile_id, Q, K, PAD, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_pb, BLOCK_M, CAUSAL, DOT_UPCAST,
+            KEY_LENGTHS)
         count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         threshold = tl.full([BLOCK_M], float("-inf"), SCORE_DTYPE)
         for segment in range(0, key_end, SEGMENT * BLOCK_N):
             for start in range(segment, tl.minimum(segment + SEGMENT * BLOCK_N, key_end), BLOCK_N):
                 cols = start + lanes
                 scores, take = _score_tile(q, k_base, PAD, b, rows, row_ok, cols, dims, dim_ok, threshold,
-                                           k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                                           seen, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
                                            HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE)
                 slot = base + count * SLICE + tile
                 tl.store(BUF_VAL + slot, scores, mask=take)
@@ -650,7 +657,7 @@ def topk_forward_bound_kernel(
     heads, group, q_len, k_len, row_blocks, num_tiles, causal_offset,
     TOPK: tl.constexpr, DEPTH: tl.constexpr, CAND_C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENT: tl.constexpr, GROUP: tl.constexpr,
-    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, KEY_LENGTHS: tl.constexpr,
     KEY_BITS: tl.constexpr, IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr, INLINE_PTX: tl.constexpr,
 ):
     """Selection, like `topk_forward_kernel`, in two passes over QK^T per tile so that the hot loop never cuts.
@@ -672,14 +679,15 @@ def topk_forward_bound_kernel(
                                                                          BLOCK_N, DEPTH)
 
     for tile_id in range(pid, num_tiles, tl.num_programs(0)):
-        bh, row_block, b, rows, row_ok, q, k_base, key_end = _open_tile(
-            tile_id, Q, K, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
-            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, BLOCK_M, CAUSAL, DOT_UPCAST)
-        threshold = _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, k_len,
+        bh, row_block, b, rows, row_ok, q, k_base, key_end, seen = _open_tile(
+            tile_id, Q, K, PAD, heads, group, q_len, k_len, row_blocks, causal_offset, dims, dim_ok,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_pb, BLOCK_M, CAUSAL, DOT_UPCAST,
+            KEY_LENGTHS)
+        threshold = _row_lower_bound(q, k_base, PAD, b, rows, row_ok, key_end, dims, dim_ok, seen,
                                      causal_offset, stride_kn, stride_kd, stride_pb, stride_pn, TOPK, BLOCK_N,
                                      HAS_PAD, CAUSAL, KEY_BITS, IEEE, DOT_UPCAST, SCORE_DTYPE)
         count = _append_pass(q, k_base, PAD, BUF_VAL + base, BUF_IDX + base, b, rows, row_ok, threshold, tile,
-                             key_end, dims, dim_ok, k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                             key_end, dims, dim_ok, seen, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
                              BLOCK_M, BLOCK_N, DEPTH, HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE, INLINE_PTX)
         stored = tl.max(tl.sum(tl.minimum(count, DEPTH), axis=1), axis=0)
         if (tl.max(tl.max(count, axis=1), axis=0) > DEPTH) & (stored <= CAND_C):
@@ -692,7 +700,7 @@ def topk_forward_bound_kernel(
             tl.debug_barrier()  # every row's threshold is written and every stack read before the stacks refill
             threshold = tl.where(row_ok, tl.load(SCRATCH_THRESH + pid * BLOCK_M + local), float("inf"))
             count = _append_pass(q, k_base, PAD, BUF_VAL + base, BUF_IDX + base, b, rows, row_ok, threshold, tile,
-                                 key_end, dims, dim_ok, k_len, causal_offset, stride_kn, stride_kd, stride_pb,
+                                 key_end, dims, dim_ok, seen, causal_offset, stride_kn, stride_kd, stride_pb,
                                  stride_pn, BLOCK_M, BLOCK_N, DEPTH, HAS_PAD, CAUSAL, IEEE, DOT_UPCAST, SCORE_DTYPE,
                                  INLINE_PTX)
         deepest = tl.max(tl.max(count, axis=1), axis=0)
@@ -705,7 +713,7 @@ def topk_forward_bound_kernel(
             tl.debug_barrier()  # every stack entry is written before the buffer path reuses the memory
             _select_tile_buffered(q, k_base, PAD, IDX, LSE, BUF_VAL, BUF_IDX, SCRATCH_COUNT, SCRATCH_THRESH,
                                   b, bh, rows, row_ok, pid * BLOCK_M, row_block * BLOCK_M, key_end, dims, dim_ok,
-                                  scale, q_len, k_len, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
+                                  scale, q_len, seen, causal_offset, stride_kn, stride_kd, stride_pb, stride_pn,
                                   TOPK, CAND, BLOCK_M, BLOCK_N, SEGMENT, GROUP, HAS_PAD, CAUSAL, KEY_BITS, IEEE,
                                   DOT_UPCAST, SCORE_DTYPE)
         tl.debug_barrier()  # the stacks are reused by the next tile
