@@ -91,6 +91,17 @@ def test_smoke_every_path_then_resume(tmp_path, fp16_model):
     assert again.count("skip ") == 7 and not re.search(r": accuracy \d", again)  # no run line, only the table
     assert json.loads(out.read_text()) == records
 
+    # a new k asks the SDPA run for a zero-shot row it lacks: the model is trained again (same seed, same data) and
+    # scored again, and the new row says what that retrained model scored next to the recorded SDPA row
+    more = run_script("--smoke", "--tasks", "boolq", "--model-dir", fp16_model, "--data-dir", BOOLQ, "--out", out,
+                      "--models-dir", models, "--set", "ks=8,16")
+    sdpa = next(r["value"] for r in records if r["attention"] == "sdpa" and r["task"] == "boolq"
+                and r["metric"] == "accuracy")
+    assert f"boolq sdpa seed 0: retrained for its zero-shot rows: accuracy {sdpa:.2f} (recorded {sdpa:.2f})" in more
+    (swap,) = [r for r in json.loads(out.read_text()) if r["mode"] == "zero_shot" and r["topk"] == 16
+               and r["metric"] == "accuracy"]
+    assert swap["retrained_sdpa_accuracy"] == sdpa and swap["trained_with"] == "sdpa"
+
     # a second stage alone trains its missing first stage, then goes on from it
     alone = run_script("--smoke", "--tasks", "boolq_long_warm", "--model-dir", fp16_model, "--data-dir", BOOLQ,
                        "--out", tmp_path / "alone.json", "--models-dir", tmp_path / "models2", "--set", "ks=")
