@@ -98,8 +98,8 @@ def test_smoke_every_path_then_resume(tmp_path, fp16_model):
     sdpa = next(r["value"] for r in records if r["attention"] == "sdpa" and r["task"] == "boolq"
                 and r["metric"] == "accuracy")
     assert f"boolq sdpa seed 0: retrained for its zero-shot rows: accuracy {sdpa:.2f} (recorded {sdpa:.2f})" in more
-    (swap,) = [r for r in json.loads(out.read_text()) if r["mode"] == "zero_shot" and r["topk"] == 16
-               and r["metric"] == "accuracy"]
+    (swap,) = [r for r in json.loads(out.read_text()) if r["task"] == "boolq" and r["mode"] == "zero_shot"
+               and r["topk"] == 16 and r["metric"] == "accuracy"]
     assert swap["retrained_sdpa_accuracy"] == sdpa and swap["trained_with"] == "sdpa"
 
     # a second stage alone trains its missing first stage, then goes on from it
