@@ -210,11 +210,11 @@ class TritonTopKAttention(torch.autograd.Function):
                 programs = min(num_tiles, 2)
             pad, layout = key_padding_layout(key_padding_mask)
             has_pad, key_lengths = layout == "mask", layout == "lengths"
-            pad = kept_index if pad is None else pad
+            pad_strides = (0, 0) if pad is None else (pad.stride(0), pad.stride(1) if has_pad else 0)
+            pad = kept_index if pad is None else pad  # a valid pointer the kernel never reads
             constants = forward_constants(config, k, head_dim, query.dtype, causal=bool(causal), has_pad=has_pad,
                                           key_lengths=key_lengths, on_cuda=query.device.type == "cuda")
-            shape_args = (*_strides(query), *_strides(key), *((*_strides(pad), 0) if key_lengths else
-                                                              _strides(pad) if has_pad else (0, 0)),
+            shape_args = (*_strides(query), *_strides(key), *pad_strides,
                           heads, heads // kv_heads, q_len, k_len, row_blocks, num_tiles, k_len - q_len)
             scratch = _forward_scratch(config, programs, score_dtype, query.device)
             getattr(kernels, FORWARD_KERNELS[config["layout"]])[(programs,)](
