@@ -98,11 +98,13 @@ TASKS = {
                        query_chunk_size=512, min_tokens=2000),
     # Two stages, as long-input models are usually trained: the BoolQ model (SDPA, same seed) goes on to long inputs
     # with each attention, so a few hundred long examples suffice to compare them (the CPU plan). Micro-batches of 2
-    # with 4-step accumulation: dense SDPA's CPU backward at 8 x 2,048 tokens needs more than 24 GiB.
+    # with 4-step accumulation: dense SDPA's CPU backward at 8 x 2,048 tokens needs more than 24 GiB. Pooled over the
+    # question (pooling="first_segment"): a mean over all 2,048 tokens is ~95% distractor text, and with it neither
+    # attention left the majority class (the mean-pooled rows of 2026-12-06 in benchmarks/results/accuracy.md).
     "boolq_long_warm": Task(name="boolq_long_warm", recipe="recipes/boolq-long.yaml",
                             recipe_overlay="recipes/boolq-long-warm.yaml", ks=(16, 32, 64), max_length=2048,
                             batch_size=2, accumulate_grad_batches=4, eval_batch_size=16, epochs=1, learning_rate=5e-5,
-                            pooling="mean", query_chunk_size=512, min_tokens=2000, start_from="boolq",
+                            pooling="first_segment", query_chunk_size=512, min_tokens=2000, start_from="boolq",
                             zero_shot=True),
 }
 
@@ -210,9 +212,10 @@ def majority_percent(examples: list[dict[str, Any]]) -> float:
     return 100 * max(labels.count(0), labels.count(1)) / len(labels)
 
 
-def first_stage_dir(models_dir: Path, task_name: str, seed: int) -> Path:
-    """Where the SDPA-fine-tuned model of ``task_name`` and ``seed`` is exported for a second stage to start from."""
-    return models_dir / f"{task_name}-sdpa-seed{seed}"
+def first_stage_dir(models_dir: Path, task_name: str, pooling: str, seed: int) -> Path:
+    """Where the SDPA-fine-tuned model of ``task_name`` (with this head ``pooling``) and ``seed`` is exported for a
+    second stage to start from."""
+    return models_dir / f"{task_name}-{pooling}-sdpa-seed{seed}"
 
 
 def accuracy_and_macro_f1(predictions, labels) -> tuple[float, float]:
@@ -338,23 +341,24 @@ def weights_storage(model_dir: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------------- report
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and spread over seeds per (task, mode, attention, k, sizes, epochs, device, metric)."""
+    """Mean and spread over seeds per (task, mode, attention, k, sizes, epochs, device, pooling, metric)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         key = (r["task"], r["mode"], r["attention"], r["topk"], r["metric"], r["n_train"], r["n_eval"],
-               r["max_length"], r["device"], r.get("epochs"))
+               r["max_length"], r["device"], r.get("epochs"), r.get("pooling"))
         groups.setdefault(key, []).append(r)
     rows = []
     for key, group in groups.items():
         values = [r["value"] for r in group]
         rows.append({**dict(zip(("task", "mode", "attention", "topk", "metric", "n_train", "n_eval", "max_length",
-                                 "device", "epochs"), key)),
+                                 "device", "epochs", "pooling"), key)),
                      "seeds": sorted(r["seed"] for r in group), "mean": statistics.fmean(values),
                      "sd": statistics.stdev(values) if len(values) > 1 else None,
                      "min": min(values), "max": max(values), "majority": group[0].get("majority"),
                      "by_seed": {r["seed"]: r["value"] for r in group}})
     order = {"sdpa": 0, "topk": 1}
-    rows.sort(key=lambda r: (r["device"], r["task"], r["n_train"] or 0, r["epochs"] or 0, r["mode"] != "finetune",
+    rows.sort(key=lambda r: (r["device"], r["task"], r["n_train"] or 0, r["epochs"] or 0, r["pooling"] or "",
+                             r["mode"] != "finetune",
                              order[r["attention"]], -(r["topk"] or 0), r["metric"]))
     return rows
 
@@ -363,12 +367,13 @@ def markdown(records: list[dict[str, Any]]) -> str:
     rows = summarise(records)
 
     def key_of(r):
-        return r["task"], r["mode"], r["attention"], r["topk"], r["n_train"], r["n_eval"], r["device"], r["epochs"]
+        return (r["task"], r["mode"], r["attention"], r["topk"], r["n_train"], r["n_eval"], r["device"], r["epochs"],
+                r["pooling"])
 
     acc = {key_of(r): r for r in rows if r["metric"] == "accuracy"}
     f1 = {key_of(r): r for r in rows if r["metric"] == "macro_f1"}
     lines = ["| task | device | n_train / n_eval | epochs | attention | mode | seeds | accuracy % (mean ± sd) | "
-             "Δ vs SDPA (same seeds) | macro-F1 % | majority % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Δ vs SDPA (same seeds) | macro-F1 % | majority % | pooling |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(row):
         if row is None:
@@ -377,8 +382,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
         return f"{row['mean']:.1f}{sd}"
 
     for key, row in acc.items():
-        task, mode, attention, topk, n_train, n_eval, device, epochs = key
-        base = acc.get((task, "finetune", "sdpa", None, n_train, n_eval, device, epochs))
+        task, mode, attention, topk, n_train, n_eval, device, epochs, pooling = key
+        base = acc.get((task, "finetune", "sdpa", None, n_train, n_eval, device, epochs, pooling))
         # Paired by seed: each seed's run against the SDPA run of the same seed (zero-shot: the very same model).
         paired = [value - base["by_seed"][seed] for seed, value in row["by_seed"].items()
                   if base is not None and seed in base["by_seed"]]
@@ -387,7 +392,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
         mode_name = "fine-tuned" if mode == "finetune" else "zero-shot swap"
         majority = "-" if row["majority"] is None else f"{row['majority']:.1f}"
         lines.append(f"| {task} | {device} | {n_train} / {n_eval} | {epochs or '-'} | {name} | {mode_name} | "
-                     f"{','.join(map(str, row['seeds']))} | {fmt(row)} | {delta} | {fmt(f1.get(key))} | {majority} |")
+                     f"{','.join(map(str, row['seeds']))} | {fmt(row)} | {delta} | {fmt(f1.get(key))} | {majority} | "
+                     f"{pooling or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -397,7 +403,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     rows = [r for r in summarise(records) if r["metric"] == "accuracy"]
 
     def panel_of(r):
-        return r["task"], r["device"], r["n_train"] or 0, r["n_eval"] or 0, r["epochs"] or 0
+        return r["task"], r["device"], r["n_train"] or 0, r["n_eval"] or 0, r["epochs"] or 0, r["pooling"] or ""
 
     panels = sorted({panel_of(r) for r in rows})
     if not panels:
@@ -411,7 +417,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        task, device, n_train, n_eval, epochs = panel
+        task, device, n_train, n_eval, epochs, pooling = panel
         mine = [r for r in rows if panel_of(r) == panel]
         for mode, style in (("finetune", "o-"), ("zero_shot", "s--")):
             points = sorted((r["topk"], r["mean"], r["sd"] or 0.0) for r in mine
@@ -431,7 +437,8 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
         ax.set_xlabel("k (keys kept per query)")
         ax.set_ylabel("dev accuracy %")
         passes = f"{epochs} epoch{'s' if epochs != 1 else ''}" if epochs else "? epochs"
-        ax.set_title(f"{task} ({device}, {n_train or 'all'} train x {passes} / {n_eval or 'all'} dev)", fontsize=9)
+        head = "" if pooling in ("", "mean") else f", {pooling} pooling"
+        ax.set_title(f"{task} ({device}, {n_train or 'all'} train x {passes} / {n_eval or 'all'} dev{head})", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     from topk_lightning.atomic import atomic_output
@@ -648,17 +655,19 @@ def main(argv: list[str] | None = None) -> int:
                                      load_split(task, args.data_dir, "dev", n_eval, tokenizer))
         return data_cache[task.name]
 
-    first_stages = {t.start_from for t in tasks if t.start_from}
+    # A second stage keeps its first stage's head, so the first stage is trained with the second stage's pooling.
+    first_stages = {(t.start_from, t.pooling) for t in tasks if t.start_from}
 
     def starting_model(task: Task, seed: int) -> Path:
         """The model ``task`` fine-tunes: the pretrained one, or its first stage's export (trained now if missing;
         the same run as the first stage's own row, so nothing is recorded for it here)."""
         if task.start_from is None:
             return model_dir
-        path = first_stage_dir(args.models_dir, task.start_from, seed)
+        path = first_stage_dir(args.models_dir, task.start_from, task.pooling, seed)
         if not (path / "config.json").is_file():
-            source = resolve_tasks(plan, [task.start_from], {})[0]
-            print(f"{task.name}: first stage {source.name} sdpa seed {seed} not in {path}: training it", flush=True)
+            source = resolve_tasks(plan, [task.start_from], {"pooling": task.pooling})[0]
+            print(f"{task.name}: first stage {source.name} sdpa seed {seed} (pooling {source.pooling}) not in {path}: "
+                  "training it", flush=True)
             pl.seed_everything(seed, verbose=False)
             first = build_module(source, Run(source, "sdpa", None, seed), model_dir)
             fine_tune(first, loader(data_for(source)[0], batch_size=source.batch_size, pad_id=pad_id, task=source,
@@ -706,8 +715,8 @@ def main(argv: list[str] | None = None) -> int:
             module = build_module(task, run, start_model)
             train_seconds = fine_tune(module, train_loader, task=task, device=args.device, deadline=deadline)
             seconds_per_example[(task.name, run.attention)] = train_seconds / (len(train) * task.epochs)
-            if run.attention == "sdpa" and task.name in first_stages:
-                module.export(first_stage_dir(args.models_dir, task.name, run.seed))  # what the second stage starts from
+            if run.attention == "sdpa" and (task.name, task.pooling) in first_stages:  # what a second stage starts from
+                module.export(first_stage_dir(args.models_dir, task.name, task.pooling, run.seed))
             new = []
             if ("finetune", run.attention, run.topk) in missing:
                 accuracy, macro_f1, eval_seconds = evaluate(module, dev_loader, device=args.device, deadline=deadline)

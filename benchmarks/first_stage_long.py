@@ -2,9 +2,10 @@
 BoolQ before any long-input training, with SDPA and with top-k swapped in: does it bring anything to the second stage?
 
     python benchmarks/first_stage_long.py                                   # seed 0's model, first 400 long dev
-    python benchmarks/first_stage_long.py --model outputs/boolq/sdpa-export --n-eval 3270 --topk 16 64
+    python benchmarks/first_stage_long.py --model outputs/boolq/sdpa-first_segment-export --n-eval 3270 --topk 16 64
 
-Uses accuracy.py's own loading, batching and scoring (``boolq_long_warm`` settings); prints one line per attention.
+Uses accuracy.py's own loading, batching, pooling and scoring (``boolq_long_warm`` settings); prints one line per
+attention.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import accuracy  # noqa: E402  (benchmarks/accuracy.py; it puts the repository o
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=accuracy.first_stage_dir(accuracy.DEFAULT_MODELS, "boolq", 0))
+    task = accuracy.TASKS["boolq_long_warm"]
+    parser.add_argument("--model", type=Path, default=accuracy.first_stage_dir(accuracy.DEFAULT_MODELS, task.start_from,
+                                                                               task.pooling, 0))
     parser.add_argument("--data-dir", type=Path, default=accuracy.DEFAULT_DATA)
     parser.add_argument("--n-eval", type=int, default=400)
     parser.add_argument("--topk", type=int, nargs="*", default=[64])
@@ -30,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from transformers import AutoTokenizer
 
-    task = accuracy.TASKS["boolq_long_warm"]
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     dev = accuracy.load_split(task, args.data_dir, "dev", args.n_eval, tokenizer)
     batches = accuracy.loader(dev, batch_size=task.eval_batch_size, pad_id=tokenizer.pad_token_id or 0, task=task,

@@ -73,10 +73,12 @@ def test_smoke_every_path_then_resume(tmp_path, fp16_model):
         assert r["max_length"] == (128 if r["task"] == "boolq" else 512)
         assert 50 <= r["majority"] <= 100
         assert r["start_from"] == ("boolq" if r["task"] == "boolq_long_warm" else None)
-    # the second stage started from the first's export (encoder and pooled head), written once, by the SDPA run
-    assert sorted(p.name for p in models.iterdir()) == ["boolq-sdpa-seed0"]
-    assert (models / "boolq-sdpa-seed0" / "classification_head.safetensors").is_file()
-    assert "first stage" not in log
+    # the second stage reads the question (first_segment pooling), BoolQ's own rows the mean: its first stage is a
+    # BoolQ SDPA model with that head, trained for it (encoder and pooled head exported), not the mean-pooled run's
+    assert "boolq_long_warm: first stage boolq sdpa seed 0 (pooling first_segment) not in" in log
+    assert sorted(p.name for p in models.iterdir()) == ["boolq-first_segment-sdpa-seed0"]
+    assert (models / "boolq-first_segment-sdpa-seed0" / "classification_head.safetensors").is_file()
+    assert {r["pooling"] for r in records if r["task"] == "boolq_long_warm"} == {"first_segment"}
     table = out.with_suffix(".md").read_text()
     assert table.count("\n") == 2 + len(runs) and "zero-shot swap" in table and "top-k k=64" in table
     try:
@@ -102,13 +104,15 @@ def test_smoke_every_path_then_resume(tmp_path, fp16_model):
                and r["topk"] == 16 and r["metric"] == "accuracy"]
     assert swap["retrained_sdpa_accuracy"] == sdpa and swap["trained_with"] == "sdpa"
 
-    # a second stage alone trains its missing first stage, then goes on from it
-    alone = run_script("--smoke", "--tasks", "boolq_long_warm", "--model-dir", fp16_model, "--data-dir", BOOLQ,
-                       "--out", tmp_path / "alone.json", "--models-dir", tmp_path / "models2", "--set", "ks=")
-    assert "boolq_long_warm: first stage boolq sdpa seed 0 not in" in alone
-    assert (tmp_path / "models2" / "boolq-sdpa-seed0" / "config.json").is_file()
-    assert {(r["task"], r["attention"], r["mode"]) for r in json.loads((tmp_path / "alone.json").read_text())} == {
-        ("boolq_long_warm", "sdpa", "finetune")}
+    # with the same pooling in both stages, the BoolQ SDPA run of the same command is the first stage: exported once,
+    # nothing trained twice
+    both = run_script("--smoke", "--tasks", "boolq", "boolq_long_warm", "--model-dir", fp16_model, "--data-dir", BOOLQ,
+                      "--out", tmp_path / "both.json", "--models-dir", tmp_path / "models2", "--set", "ks=",
+                      "pooling=first_segment")
+    assert "first stage" not in both
+    assert sorted(p.name for p in (tmp_path / "models2").iterdir()) == ["boolq-first_segment-sdpa-seed0"]
+    assert {(r["task"], r["attention"], r["mode"]) for r in json.loads((tmp_path / "both.json").read_text())} == {
+        ("boolq", "sdpa", "finetune"), ("boolq_long_warm", "sdpa", "finetune")}
 
 
 def test_time_budget_stops_cleanly_without_partial_rows(tmp_path, tiny_bert):
@@ -155,7 +159,8 @@ def test_recipe_matches_benchmark_settings(task):
     else:  # the first stage's export, made by the first stage's recipe
         first = settings[setting["start_from"]]
         assert f"--export_dir {model['backbone']}" in (REPO / setting["recipe_overlay"]).read_text()
-        assert f"--config {first['recipe']} --model.attention=sdpa" in (REPO / setting["recipe_overlay"]).read_text()
+        overlay = (REPO / setting["recipe_overlay"]).read_text()
+        assert f"--config {first['recipe']} --model.attention=sdpa --model.pooling={setting['pooling']}" in overlay
     for key in ("learning_rate", "pooling", "query_chunk_size", "classifier_dropout", "weight_decay",
                 "warmup_ratio"):
         assert model[key] == setting[key], key

@@ -15,6 +15,24 @@ def test_mean_pooling_ignores_padding(tiny_bert):
     torch.testing.assert_close(module.pool(hidden, mask), torch.tensor([[1.0, 2.0]]))
 
 
+
+def test_first_segment_pooling_averages_the_first_text_only(tiny_bert):
+    module = SequenceClassificationModule(backbone=tiny_bert, attention="sdpa", pooling="first_segment", num_labels=2)
+    # [CLS] q [SEP] | p p [SEP] | pad, and a second row whose first text is longer
+    hidden = torch.arange(12.0).reshape(2, 6, 1).expand(2, 6, 2).clone()
+    types = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]])
+    expected = torch.tensor([[1.0, 1.0], [7.5, 7.5]])  # (0+1+2)/3; (6+7+8+9)/4: the padded type-0 slot is left out
+    torch.testing.assert_close(module.pool(hidden, mask, types), expected)
+    with pytest.raises(Exception, match="token_type_ids"):
+        module.pool(hidden, mask, None)
+
+
+def test_unknown_pooling_is_refused(tiny_bert):
+    with pytest.raises(Exception, match="first_segment.*got 'max'"):
+        SequenceClassificationModule(backbone=tiny_bert, attention="sdpa", pooling="max", num_labels=2)
+
+
 def _fit_one_step(module, batch, tmp_path):
     import lightning.pytorch as pl
 

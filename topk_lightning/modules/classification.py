@@ -15,12 +15,14 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from topk_lightning.errors import InputError
 from topk_lightning.modules.base import ENCODER_ONLY_CLASSES, TopKTransformerModule
 
-__all__ = ["HEAD_FILE", "SequenceClassificationModule"]
+__all__ = ["HEAD_FILE", "POOLINGS", "SequenceClassificationModule"]
 
 log = logging.getLogger(__name__)
 
 #: The pooled heads' weights in an export, beside the encoder's (plain transformers has no class for them).
 HEAD_FILE = "classification_head.safetensors"
+
+POOLINGS = ("model", "cls", "mean", "first_segment")
 
 
 class SequenceClassificationModule(TopKTransformerModule):
@@ -39,6 +41,10 @@ class SequenceClassificationModule(TopKTransformerModule):
             or ``"mean"`` (mean over non-padding tokens, how sentence-embedding models such as MiniLM were trained):
             dropout + a linear layer of this module; the export then holds the encoder plus
             ``classification_head.safetensors``, and a module whose ``backbone`` is such an export starts from both.
+            ``"first_segment"``: the mean over the first text of a pair (``[CLS] question [SEP]``, read from
+            ``token_type_ids`` == 0), for pairs whose second text is long and mostly irrelevant (a question over a
+            long document): a mean over every token would be dominated by the document. Needs a tokenizer that
+            makes ``token_type_ids`` (BERT, MiniLM, ELECTRA; not RoBERTa).
         classifier_dropout: dropout before the classifier (``"model"``: set on the config as the family names it).
         **kwargs: the encoder and optimiser options (``backbone``, ``attention``, ``topk``, ``query_chunk_size``,
             ``learning_rate``, ...) of :class:`~topk_lightning.modules.base.TopKTransformerModule`.
@@ -52,7 +58,7 @@ class SequenceClassificationModule(TopKTransformerModule):
         *,
         num_labels: int = 2,
         class_names: list[str] | None = None,
-        pooling: Literal["model", "cls", "mean"] = "model",
+        pooling: Literal["model", "cls", "mean", "first_segment"] = "model",
         classifier_dropout: float = 0.1,
         **kwargs,
     ) -> None:
@@ -61,8 +67,8 @@ class SequenceClassificationModule(TopKTransformerModule):
             raise InputError(f"{name}: num_labels must be >= 2, got {num_labels}")
         if class_names is not None and len(class_names) != num_labels:
             raise InputError(f"{name}: class_names has {len(class_names)} names for num_labels={num_labels}: {class_names}")
-        if pooling not in ("model", "cls", "mean"):
-            raise InputError(f"{name}: pooling must be 'model', 'cls' or 'mean', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise InputError(f"{name}: pooling must be one of {', '.join(map(repr, POOLINGS))}, got {pooling!r}")
         super().__init__(**kwargs)
         self.metrics = nn.ModuleDict(
             {
@@ -139,20 +145,30 @@ class SequenceClassificationModule(TopKTransformerModule):
         head.load_state_dict(saved)
         log.info("%s: classifier loaded from %s", type(self).__name__, path)
 
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, T, H) -> (B, H): the first token, or the mean over non-padding tokens."""
-        if self.hparams.pooling == "cls":
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+             token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, H) -> (B, H): the first token, or the mean over non-padding tokens (``"first_segment"``: over the
+        non-padding tokens of the first text)."""
+        pooling = self.hparams.pooling
+        if pooling == "cls":
             return hidden[:, 0]
-        if attention_mask is None:
-            return hidden.mean(dim=1)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if attention_mask is not None:
+            mask &= attention_mask.bool()
+        if pooling == "first_segment":
+            if token_type_ids is None:
+                raise InputError(f"{type(self).__name__}: pooling='first_segment' reads the first text from "
+                                 "token_type_ids, and this batch has none (the tokenizer does not make them: use "
+                                 "pooling='mean' or 'cls')")
+            mask &= token_type_ids == 0
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Class logits (B, num_labels)."""
         if self.hparams.pooling == "model":
             return self.backbone(**self.model_inputs(batch)).logits
-        return self.head(self.pool(self.encode(batch), batch.get("attention_mask")))
+        return self.head(self.pool(self.encode(batch), batch.get("attention_mask"), batch.get("token_type_ids")))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self(batch)
@@ -183,7 +199,7 @@ class SequenceClassificationModule(TopKTransformerModule):
 
     # ------------------------------------------------------------------ export
     def export_extra(self, path: Path) -> None:
-        """Pooled heads (``pooling="cls"``/``"mean"``): save the classifier beside the encoder as
+        """Pooled heads (``pooling="cls"``/``"mean"``/``"first_segment"``): save the classifier beside the encoder as
         ``classification_head.safetensors`` (plain transformers has no class for them)."""
         if self.hparams.pooling == "model":
             return
