@@ -3,9 +3,12 @@ BoolQ before any long-input training, with SDPA and with top-k swapped in: does 
 
     python benchmarks/first_stage_long.py                                   # seed 0's model, first 400 long dev
     python benchmarks/first_stage_long.py --model outputs/boolq/sdpa-first_segment-export --n-eval 3270 --topk 16 64
+    python benchmarks/first_stage_long.py --n-eval 1000 --topk 64 256 --out benchmarks/results/long_transfer.json
 
 Uses accuracy.py's own loading, batching, pooling and scoring (``boolq_long_warm`` settings); prints one line per
-attention.
+attention (SDPA first, then top-k at each k). With ``--out``, each score is also added to a JSON list (records
+``{model, attention, topk, metric, value, n_eval, majority, ...}``, written atomically); scores already there for the
+same model, attention, k and n_eval are not run again.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=accuracy.DEFAULT_DATA)
     parser.add_argument("--n-eval", type=int, default=400)
     parser.add_argument("--topk", type=int, nargs="*", default=[64])
+    parser.add_argument("--out", type=Path, default=None, help="add the scores to this JSON list (resumable)")
     args = parser.parse_args(argv)
     if not (args.model / "config.json").is_file():
         print(f"first_stage_long: no model at {args.model} (run benchmarks/accuracy.py --tasks boolq_long_warm "
@@ -33,17 +37,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from transformers import AutoTokenizer
 
+    records = accuracy.load_records(args.out) if args.out else []
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     dev = accuracy.load_split(task, args.data_dir, "dev", args.n_eval, tokenizer)
     batches = accuracy.loader(dev, batch_size=task.eval_batch_size, pad_id=tokenizer.pad_token_id or 0, task=task,
                               shuffle_seed=None)
-    print(f"{len(dev)} long dev questions, majority {accuracy.majority_percent(dev):.1f}%")
+    majority = accuracy.majority_percent(dev)
+    print(f"{len(dev)} long dev questions, majority {majority:.1f}%")
+    accuracy.ENVIRONMENT.update(accuracy.describe_environment("cpu"))
     for attention, k in [("sdpa", None)] + [("topk", k) for k in args.topk]:
+        name = "sdpa" if k is None else f"top-k k={k}"
+        key = (args.model.name, attention, k, len(dev))
+        if any((r.get("model"), r.get("attention"), r.get("topk"), r.get("n_eval")) == key for r in records):
+            print(f"{args.model.name} on long inputs, {name}: already in {args.out}", flush=True)
+            continue
         module = accuracy.build_module(task, accuracy.Run(task, attention, k, 0), args.model)
         acc, f1, seconds = accuracy.evaluate(module, batches, device="cpu", deadline=float("inf"))
-        name = "sdpa" if k is None else f"top-k k={k}"
         print(f"{args.model.name} on long inputs, {name}: accuracy {acc:.2f}  macro-F1 {f1:.2f}  ({seconds:.0f} s)",
               flush=True)
+        if args.out:
+            common = {"model": args.model.name, "task": task.name, "attention": attention, "topk": k,
+                      "pooling": task.pooling, "n_eval": len(dev), "max_length": task.max_length,
+                      "min_tokens": task.min_tokens, "majority": round(majority, 2), "eval_seconds": round(seconds, 1),
+                      "device": "cpu", "date": accuracy.datetime.date.today().isoformat(), **accuracy.ENVIRONMENT}
+            records += [{**common, "metric": "accuracy", "value": round(acc, 3)},
+                        {**common, "metric": "macro_f1", "value": round(f1, 3)}]
+            accuracy.write_json_atomic(args.out, records)
     return 0
 
 

@@ -224,9 +224,23 @@ def test_first_stage_long_scores_a_model_on_long_inputs_with_each_attention(tmp_
     result = subprocess.run([sys.executable, str(script), "--model", tmp_path / "nothing"], capture_output=True,
                             text=True, env=env)
     assert result.returncode == 2 and str(tmp_path / "nothing") in result.stderr
-    result = subprocess.run([sys.executable, str(script), "--model", tiny_bert, "--data-dir", BOOLQ, "--n-eval", "4",
-                             "--topk", "16"], capture_output=True, text=True, env=env, timeout=600)
+    out = tmp_path / "transfer.json"
+    command = [sys.executable, str(script), "--model", tiny_bert, "--data-dir", BOOLQ, "--n-eval", "4", "--topk", "16",
+               "--out", out]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if "on long inputs" in line]
     assert len(lines) == 2 and "sdpa: accuracy" in lines[0] and "top-k k=16: accuracy" in lines[1]
     assert result.stdout.startswith("4 long dev questions, majority")
+    records = json.loads(out.read_text())
+    assert [(r["attention"], r["topk"], r["metric"]) for r in records] == [
+        ("sdpa", None, "accuracy"), ("sdpa", None, "macro_f1"), ("topk", 16, "accuracy"), ("topk", 16, "macro_f1")]
+    printed = re.search(r"sdpa: accuracy (\S+)", lines[0]).group(1)
+    assert f"{records[0]['value']:.2f}" == printed and records[0]["n_eval"] == 4
+    assert {r["model"] for r in records} == {Path(tiny_bert).name} and {r["pooling"] for r in records} == {"first_segment"}
+    # scored again with one more k: only the new k runs, the file keeps the first scores
+    again = subprocess.run(command[:-3] + ["16", "32", "--out", out], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("already in") == 2 and "top-k k=32: accuracy" in again.stdout
+    assert json.loads(out.read_text())[:4] == records and len(json.loads(out.read_text())) == 6
