@@ -433,6 +433,11 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
                     ax.axhspan(r["mean"] - r["sd"], r["mean"] + r["sd"], color="k", alpha=0.1)
                 if r["majority"] is not None:
                     ax.axhline(r["majority"], color="grey", linestyle=":", label="majority class")
+        # At least 8 points of accuracy on the axis: runs within a point of each other must not fill the panel.
+        low, high = ax.get_ylim()
+        if high - low < 8:
+            middle = (low + high) / 2
+            ax.set_ylim(middle - 4, middle + 4)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("k (keys kept per query)")
         ax.set_ylabel("dev accuracy %")
