@@ -580,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
                         "; smoke: accuracy-smoke.json in the system temp folder)")
     parser.add_argument("--tasks", nargs="+", default=None, help=f"subset of {sorted(TASKS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the plan's seeds")
+    parser.add_argument("--attention", nargs="+", choices=("sdpa", "topk"), default=("sdpa", "topk"),
+                        help="run only these attentions (default both; the zero-shot rows come with the SDPA run)")
     parser.add_argument("--n-train", type=int, default=None, help="override the plan's training size (all tasks)")
     parser.add_argument("--n-eval", type=int, default=None, help="override the plan's dev size (all tasks)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override task settings for "
@@ -631,8 +633,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")  # TF32 for what runs outside the bf16 autocast
     tasks = resolve_tasks(plan, args.tasks, parse_overrides(args.set))
     seeds = tuple(args.seeds) if args.seeds else plan.seeds
+    runs = [run for run in ordered_runs(tasks, seeds) if run.attention in args.attention]
     if args.list:
-        for run in ordered_runs(tasks, seeds):
+        for run in runs:
             n_train, n_eval = plan.sizes[run.task.name]
             extra = " (+ zero-shot top-k at each k)" if run.attention == "sdpa" and run.task.zero_shot else ""
             print(f"{run.label}{extra}: train {args.n_train or n_train or 'all'} x {run.task.epochs} epochs, "
@@ -688,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"accuracy: plan {plan_name}, device {args.device}, seeds {list(seeds)}, tasks "
           f"{[t.name for t in tasks]} -> {out}", flush=True)
     stopped, failed = False, []
-    for run in ordered_runs(tasks, seeds):
+    for run in runs:
         task = run.task
         train, dev = data_for(task)
         majority = majority_percent(dev)

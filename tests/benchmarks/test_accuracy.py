@@ -216,6 +216,18 @@ def test_set_parses_booleans_and_names_a_bad_value():
     code, _, err = settings("zero_shot=maybe")
     assert code != 0 and "zero_shot=maybe" in err and "not a valid zero_shot" in err
 
+
+def test_attention_filter_keeps_the_priority_order_of_the_chosen_runs(tiny_bert):
+    def listed(*extra):
+        out = run_script("--list", "--model-dir", tiny_bert, "--tasks", "boolq_long_warm", "--seeds", "0", *extra)
+        return [line.split(":")[0].split(" (")[0] for line in out.splitlines() if line.startswith("boolq_long_warm")]
+
+    everything = listed()
+    assert everything[0] == "boolq_long_warm sdpa seed 0" and len(everything) == 4
+    assert listed("--attention", "topk") == [run for run in everything if "sdpa" not in run]
+    assert listed("--attention", "sdpa") == ["boolq_long_warm sdpa seed 0"]
+
+
 def test_first_stage_long_scores_a_model_on_long_inputs_with_each_attention(tmp_path, tiny_bert):
     if not (BOOLQ / "dev.jsonl").is_file():
         pytest.skip(f"BoolQ not found at {BOOLQ}")
