@@ -4,16 +4,19 @@ BoolQ before any long-input training, with SDPA and with top-k swapped in: does 
     python benchmarks/first_stage_long.py                                   # seed 0's model, first 400 long dev
     python benchmarks/first_stage_long.py --model outputs/boolq/sdpa-first_segment-export --n-eval 3270 --topk 16 64
     python benchmarks/first_stage_long.py --n-eval 1000 --topk 64 256 --out benchmarks/results/long_transfer.json
+    python benchmarks/first_stage_long.py --max-length 1024 ...              # fewer distractors: 976-1,024 tokens
+    python benchmarks/first_stage_long.py --max-length 320 --min-tokens 0 ... # no distractors (stage 1's inputs)
 
 Uses accuracy.py's own loading, batching, pooling and scoring (``boolq_long_warm`` settings); prints one line per
 attention (SDPA first, then top-k at each k). With ``--out``, each score is also added to a JSON list (records
 ``{model, attention, topk, metric, value, n_eval, majority, ...}``, written atomically); scores already there for the
-same model, attention, k and n_eval are not run again.
+same model, attention, k, n_eval, max_length and min_tokens are not run again.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,8 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=accuracy.DEFAULT_DATA)
     parser.add_argument("--n-eval", type=int, default=400)
     parser.add_argument("--topk", type=int, nargs="*", default=[64])
+    parser.add_argument("--max-length", type=int, default=task.max_length, help="tokens per input (default "
+                        f"{task.max_length}; positions beyond the model's 512 are extended by copying)")
+    parser.add_argument("--min-tokens", type=int, default=None, help="distractor passages are added until the "
+                        "input has this many tokens (default: --max-length - 48; 0: none, the question's own "
+                        "passage alone, cut at --max-length as in the first stage)")
     parser.add_argument("--out", type=Path, default=None, help="add the scores to this JSON list (resumable)")
     args = parser.parse_args(argv)
+    min_tokens = args.max_length - 48 if args.min_tokens is None else args.min_tokens
+    if args.max_length < 1 or not 0 <= min_tokens <= args.max_length:
+        parser.error(f"need 0 <= --min-tokens <= --max-length, got {min_tokens} and {args.max_length}")
+    task = dataclasses.replace(task, max_length=args.max_length, min_tokens=min_tokens or None)
     if not (args.model / "config.json").is_file():
         print(f"first_stage_long: no model at {args.model} (run benchmarks/accuracy.py --tasks boolq_long_warm "
               "first, or give --model)", file=sys.stderr)
@@ -43,17 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     batches = accuracy.loader(dev, batch_size=task.eval_batch_size, pad_id=tokenizer.pad_token_id or 0, task=task,
                               shuffle_seed=None)
     majority = accuracy.majority_percent(dev)
-    print(f"{len(dev)} long dev questions, majority {majority:.1f}%")
+    print(f"{len(dev)} dev questions ({'own passage only' if task.min_tokens is None else 'with distractors'}, "
+          f"{task.min_tokens or 0}-{task.max_length} tokens), majority {majority:.1f}%")
     accuracy.ENVIRONMENT.update(accuracy.describe_environment("cpu"))
     for attention, k in [("sdpa", None)] + [("topk", k) for k in args.topk]:
         name = "sdpa" if k is None else f"top-k k={k}"
-        key = (args.model.name, attention, k, len(dev))
-        if any((r.get("model"), r.get("attention"), r.get("topk"), r.get("n_eval")) == key for r in records):
-            print(f"{args.model.name} on long inputs, {name}: already in {args.out}", flush=True)
+        key = (args.model.name, attention, k, len(dev), task.max_length, task.min_tokens)
+        if any((r.get("model"), r.get("attention"), r.get("topk"), r.get("n_eval"), r.get("max_length"),
+                r.get("min_tokens")) == key for r in records):
+            print(f"{args.model.name} at {task.max_length} tokens, {name}: already in {args.out}", flush=True)
             continue
         module = accuracy.build_module(task, accuracy.Run(task, attention, k, 0), args.model)
         acc, f1, seconds = accuracy.evaluate(module, batches, device="cpu", deadline=float("inf"))
-        print(f"{args.model.name} on long inputs, {name}: accuracy {acc:.2f}  macro-F1 {f1:.2f}  ({seconds:.0f} s)",
+        print(f"{args.model.name} at {task.max_length} tokens, {name}: accuracy {acc:.2f}  macro-F1 {f1:.2f}  ({seconds:.0f} s)",
               flush=True)
         if args.out:
             common = {"model": args.model.name, "task": task.name, "attention": attention, "topk": k,

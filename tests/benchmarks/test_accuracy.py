@@ -241,9 +241,9 @@ def test_first_stage_long_scores_a_model_on_long_inputs_with_each_attention(tmp_
                "--out", out]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = [line for line in result.stdout.splitlines() if "on long inputs" in line]
+    lines = [line for line in result.stdout.splitlines() if "at 2048 tokens" in line]
     assert len(lines) == 2 and "sdpa: accuracy" in lines[0] and "top-k k=16: accuracy" in lines[1]
-    assert result.stdout.startswith("4 long dev questions, majority")
+    assert result.stdout.startswith("4 dev questions (with distractors, 2000-2048 tokens), majority")
     records = json.loads(out.read_text())
     assert [(r["attention"], r["topk"], r["metric"]) for r in records] == [
         ("sdpa", None, "accuracy"), ("sdpa", None, "macro_f1"), ("topk", 16, "accuracy"), ("topk", 16, "macro_f1")]
@@ -256,3 +256,13 @@ def test_first_stage_long_scores_a_model_on_long_inputs_with_each_attention(tmp_
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("already in") == 2 and "top-k k=32: accuracy" in again.stdout
     assert json.loads(out.read_text())[:4] == records and len(json.loads(out.read_text())) == 6
+    # the same questions without distractors (the first stage's inputs) are another score, not a resumed one
+    short = subprocess.run(command[:-4] + ["--topk", "--max-length", "320", "--min-tokens", "0", "--out", out],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert short.returncode == 0, short.stderr[-2000:]
+    assert short.stdout.startswith("4 dev questions (own passage only, 0-320 tokens)") and "already in" not in short.stdout
+    added = json.loads(out.read_text())[6:]
+    assert [(r["attention"], r["max_length"], r["min_tokens"]) for r in added] == [("sdpa", 320, None)] * 2
+    bad = subprocess.run(command[:-4] + ["--max-length", "512", "--min-tokens", "600"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and "--min-tokens <= --max-length, got 600 and 512" in bad.stderr
