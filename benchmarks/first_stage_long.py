@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
     records = accuracy.load_records(args.out) if args.out else []
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-    dev = accuracy.load_split(task, args.data_dir, "dev", args.n_eval, tokenizer)
+    try:
+        dev = accuracy.load_split(task, args.data_dir, "dev", args.n_eval, tokenizer)
+    except ValueError as error:  # a question whose own passage does not fit --max-length
+        print(f"first_stage_long: {error} (raise --max-length)", file=sys.stderr)
+        return 2
     batches = accuracy.loader(dev, batch_size=task.eval_batch_size, pad_id=tokenizer.pad_token_id or 0, task=task,
                               shuffle_seed=None)
     majority = accuracy.majority_percent(dev)

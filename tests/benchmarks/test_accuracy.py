@@ -266,3 +266,6 @@ def test_first_stage_long_scores_a_model_on_long_inputs_with_each_attention(tmp_
     bad = subprocess.run(command[:-4] + ["--max-length", "512", "--min-tokens", "600"], capture_output=True,
                          text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "--min-tokens <= --max-length, got 600 and 512" in bad.stderr
+    too_short = subprocess.run(command[:-4] + ["--max-length", "64"], capture_output=True, text=True, env=env,
+                               timeout=600)
+    assert too_short.returncode == 2 and "more than max_length=64 (raise --max-length)" in too_short.stderr
