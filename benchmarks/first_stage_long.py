@@ -4,7 +4,7 @@ BoolQ before any long-input training, with SDPA and with top-k swapped in: does 
     python benchmarks/first_stage_long.py                                   # seed 0's model, first 400 long dev
     python benchmarks/first_stage_long.py --model outputs/boolq/sdpa-first_segment-export --n-eval 3270 --topk 16 64
     python benchmarks/first_stage_long.py --n-eval 1000 --topk 64 256 --out benchmarks/results/long_transfer.json
-    python benchmarks/first_stage_long.py --max-length 1024 ...              # fewer distractors: 976-1,024 tokens
+    python benchmarks/first_stage_long.py --max-length 1152 ...              # fewer distractors: 1,104-1,152 tokens
     python benchmarks/first_stage_long.py --max-length 320 --min-tokens 0 ... # no distractors (stage 1's inputs)
 
 Uses accuracy.py's own loading, batching, pooling and scoring (``boolq_long_warm`` settings); prints one line per
@@ -23,10 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402  (benchmarks/accuracy.py; it puts the repository on sys.path)
 
+# A score is the same run as a recorded one when these fields agree (--out resumes on them).
+SAME_RUN = ("model", "attention", "topk", "n_eval", "max_length", "min_tokens")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     task = accuracy.TASKS["boolq_long_warm"]
+    margin = task.max_length - task.min_tokens  # 2,048 - 2,000: the default gap between --min-tokens and --max-length
     parser.add_argument("--model", type=Path, default=accuracy.first_stage_dir(accuracy.DEFAULT_MODELS, task.start_from,
                                                                                task.pooling, 0))
     parser.add_argument("--data-dir", type=Path, default=accuracy.DEFAULT_DATA)
@@ -35,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=task.max_length, help="tokens per input (default "
                         f"{task.max_length}; positions beyond the model's 512 are extended by copying)")
     parser.add_argument("--min-tokens", type=int, default=None, help="distractor passages are added until the "
-                        "input has this many tokens (default: --max-length - 48; 0: none, the question's own "
-                        "passage alone, cut at --max-length as in the first stage)")
+                        f"input has this many tokens (default: --max-length - {margin}; 0: none, the question's "
+                        "own passage alone, cut at --max-length as in the first stage)")
     parser.add_argument("--out", type=Path, default=None, help="add the scores to this JSON list (resumable)")
     args = parser.parse_args(argv)
-    min_tokens = args.max_length - 48 if args.min_tokens is None else args.min_tokens
+    min_tokens = args.max_length - margin if args.min_tokens is None else args.min_tokens
     if args.max_length < 1 or not 0 <= min_tokens <= args.max_length:
         parser.error(f"need 0 <= --min-tokens <= --max-length, got {min_tokens} and {args.max_length}")
     task = dataclasses.replace(task, max_length=args.max_length, min_tokens=min_tokens or None)
@@ -64,19 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     accuracy.ENVIRONMENT.update(accuracy.describe_environment("cpu"))
     for attention, k in [("sdpa", None)] + [("topk", k) for k in args.topk]:
         name = "sdpa" if k is None else f"top-k k={k}"
-        key = (args.model.name, attention, k, len(dev), task.max_length, task.min_tokens)
-        if any((r.get("model"), r.get("attention"), r.get("topk"), r.get("n_eval"), r.get("max_length"),
-                r.get("min_tokens")) == key for r in records):
+        run = {"model": args.model.name, "attention": attention, "topk": k, "n_eval": len(dev),
+               "max_length": task.max_length, "min_tokens": task.min_tokens}
+        if any(all(r.get(field) == run[field] for field in SAME_RUN) for r in records):
             print(f"{args.model.name} at {task.max_length} tokens, {name}: already in {args.out}", flush=True)
             continue
         module = accuracy.build_module(task, accuracy.Run(task, attention, k, 0), args.model)
         acc, f1, seconds = accuracy.evaluate(module, batches, device="cpu", deadline=float("inf"))
-        print(f"{args.model.name} at {task.max_length} tokens, {name}: accuracy {acc:.2f}  macro-F1 {f1:.2f}  ({seconds:.0f} s)",
-              flush=True)
+        print(f"{args.model.name} at {task.max_length} tokens, {name}: accuracy {acc:.2f}  macro-F1 {f1:.2f}  "
+              f"({seconds:.0f} s)", flush=True)
         if args.out:
-            common = {"model": args.model.name, "task": task.name, "attention": attention, "topk": k,
-                      "pooling": task.pooling, "n_eval": len(dev), "max_length": task.max_length,
-                      "min_tokens": task.min_tokens, "majority": round(majority, 2), "eval_seconds": round(seconds, 1),
+            common = {**run, "task": task.name, "pooling": task.pooling, "majority": round(majority, 2),
+                      "eval_seconds": round(seconds, 1),
                       "device": "cpu", "date": accuracy.datetime.date.today().isoformat(), **accuracy.ENVIRONMENT}
             records += [{**common, "metric": "accuracy", "value": round(acc, 3)},
                         {**common, "metric": "macro_f1", "value": round(f1, 3)}]
