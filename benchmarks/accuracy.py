@@ -87,6 +87,9 @@ class Task:
     accumulate_grad_batches: int = 1  # optimiser step every this many batches of batch_size (memory of dense runs)
     start_from: str | None = None  # fine-tune from this task's SDPA-fine-tuned model of the same seed (two stages)
     recipe_overlay: str | None = None  # a config given after ``recipe`` (``--config A --config B``)
+    # None = the checkpoint's (MiniLM: 0.1). On a CPU, SDPA with attention dropout runs PyTorch's math kernel, which
+    # stores the L x L probabilities: at 2,048 tokens 4x the time and 8x the memory of dropout 0 (README).
+    attention_dropout: float | None = None
 
 
 TASKS = {
@@ -259,6 +262,8 @@ def build_module(task: Task, run: Run, model_dir: Path):
         query_chunk_size=task.query_chunk_size, max_positions=task.max_length, learning_rate=task.learning_rate,
         weight_decay=task.weight_decay, warmup_ratio=task.warmup_ratio, num_labels=2, class_names=["false", "true"],
         pooling=task.pooling, classifier_dropout=task.classifier_dropout,
+        backbone_config=None if task.attention_dropout is None else
+        {"attention_probs_dropout_prob": task.attention_dropout},
     )
     module = module.float()  # weights may be stored in fp16 (--export-fp16): train in fp32
     assert all(p.dtype == torch.float32 for p in module.parameters())
@@ -306,7 +311,8 @@ def run_key(record: dict[str, Any]) -> tuple:
     """What makes two records the same run (resuming skips a run whose records are all present)."""
     return tuple(record.get(k) for k in ("task", "attention", "topk", "mode", "seed", "n_train", "n_eval",
                                          "max_length", "epochs", "learning_rate", "pooling", "batch_size", "warmup_ratio",
-                                         "query_chunk_size", "device", "start_from"))
+                                         "query_chunk_size", "device", "start_from",
+                                         "attention_dropout"))
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -530,6 +536,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 out[key] = tuple(int(k) for k in value.split(",") if k)
             elif key == "min_tokens":
                 out[key] = int(value) if value else None
+            elif key == "attention_dropout":
+                out[key] = float(value) if value else None
             elif isinstance(default, bool):  # bool("false") is True
                 out[key] = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
             else:
@@ -555,7 +563,7 @@ def base_record(run: Run, *, n_train: int, n_eval: int, device: str, weights: st
             "date": datetime.date.today().isoformat(), "epochs": task.epochs, "learning_rate": task.learning_rate,
             "batch_size": task.batch_size, "pooling": task.pooling, "query_chunk_size": task.query_chunk_size,
             "warmup_ratio": task.warmup_ratio, "min_tokens": task.min_tokens, "start_from": task.start_from,
-            "accumulate_grad_batches": task.accumulate_grad_batches,
+            "accumulate_grad_batches": task.accumulate_grad_batches, "attention_dropout": task.attention_dropout,
             "weights": weights, "majority": round(majority, 2), **ENVIRONMENT}
 
 
@@ -582,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the plan's seeds")
     parser.add_argument("--attention", nargs="+", choices=("sdpa", "topk"), default=("sdpa", "topk"),
                         help="run only these attentions (default both; the zero-shot rows come with the SDPA run)")
-    parser.add_argument("--n-train", type=int, default=None, help="override the plan's training size (all tasks)")
+    parser.add_argument("--n-train", type=int, default=None, help="override the plan's training size "
+                        "(every task; a missing first stage is still trained on the plan's size)")
     parser.add_argument("--n-eval", type=int, default=None, help="override the plan's dev size (all tasks)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override task settings for "
                         "tuning, e.g. --set learning_rate=5e-5 pooling=model epochs=4 ks= (no top-k runs)")
@@ -652,16 +661,20 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     pad_id = tokenizer.pad_token_id or 0
-    data_cache: dict[str, tuple[list, list]] = {}
+    data_cache: dict[tuple[str, bool], tuple[list, list]] = {}
     seconds_per_example: dict[tuple[str, str], float] = {}  # (task, attention) -> training seconds per example-epoch
 
-    def data_for(task: Task):
-        if task.name not in data_cache:
+    def data_for(task: Task, *, first_stage: bool = False):
+        """(train, dev) of ``task``: the plan's sizes, or --n-train / --n-eval; a first stage always gets the plan's
+        (its export is found by seed and pooling alone, so a subset-trained one would be reused as if it were full)."""
+        key = (task.name, first_stage)
+        if key not in data_cache:
             n_train, n_eval = plan.sizes[task.name]
-            n_train, n_eval = args.n_train or n_train, args.n_eval or n_eval
-            data_cache[task.name] = (load_split(task, args.data_dir, "train", n_train, tokenizer),
-                                     load_split(task, args.data_dir, "dev", n_eval, tokenizer))
-        return data_cache[task.name]
+            if not first_stage:
+                n_train, n_eval = args.n_train or n_train, args.n_eval or n_eval
+            data_cache[key] = (load_split(task, args.data_dir, "train", n_train, tokenizer),
+                               load_split(task, args.data_dir, "dev", n_eval, tokenizer))
+        return data_cache[key]
 
     # A second stage keeps its first stage's head, so the first stage is trained with the second stage's pooling.
     first_stages = {(t.start_from, t.pooling) for t in tasks if t.start_from}
@@ -674,11 +687,12 @@ def main(argv: list[str] | None = None) -> int:
         path = first_stage_dir(args.models_dir, task.start_from, task.pooling, seed)
         if not (path / "config.json").is_file():
             source = resolve_tasks(plan, [task.start_from], {"pooling": task.pooling})[0]
+            first_train = data_for(source, first_stage=True)[0]
             print(f"{task.name}: first stage {source.name} sdpa seed {seed} (pooling {source.pooling}) not in {path}: "
-                  "training it", flush=True)
+                  f"training it on {len(first_train)} questions", flush=True)
             pl.seed_everything(seed, verbose=False)
             first = build_module(source, Run(source, "sdpa", None, seed), model_dir)
-            fine_tune(first, loader(data_for(source)[0], batch_size=source.batch_size, pad_id=pad_id, task=source,
+            fine_tune(first, loader(first_train, batch_size=source.batch_size, pad_id=pad_id, task=source,
                                     shuffle_seed=seed), task=source, device=args.device, deadline=deadline)
             first.export(path)
         return path

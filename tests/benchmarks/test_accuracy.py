@@ -215,6 +215,28 @@ def test_set_parses_booleans_and_names_a_bad_value():
     assert json.loads(settings("zero_shot=True")[1])["boolq"]["zero_shot"] is True
     code, _, err = settings("zero_shot=maybe")
     assert code != 0 and "zero_shot=maybe" in err and "not a valid zero_shot" in err
+    # attention dropout: None keeps the checkpoint's value, a number replaces it, anything else is named
+    assert json.loads(settings("epochs=1")[1])["boolq"]["attention_dropout"] is None
+    assert json.loads(settings("attention_dropout=0")[1])["boolq"]["attention_dropout"] == 0.0
+    code, _, err = settings("attention_dropout=none")
+    assert code != 0 and "not a valid attention_dropout" in err
+
+
+def test_second_stage_options_leave_a_missing_first_stage_as_its_own_row(tmp_path, tiny_bert):
+    # --n-train sizes the second stage only: the first stage's export is found by seed and pooling alone, so one
+    # trained on a subset would later be taken for the plan's. A changed attention dropout is a different run.
+    if not (BOOLQ / "dev.jsonl").is_file():
+        pytest.skip(f"BoolQ not found at {BOOLQ}")
+    out, models = tmp_path / "acc.json", tmp_path / "models"
+    common = ("--smoke", "--tasks", "boolq_long_warm", "--attention", "topk", "--model-dir", tiny_bert, "--data-dir",
+              BOOLQ, "--out", out, "--models-dir", models, "--n-train", "4", "--n-eval", "4")
+    log = run_script(*common, "--set", "attention_dropout=0")
+    assert "(pooling first_segment) not in" in log and "training it on 24 questions" in log  # the smoke plan's 24
+    records = json.loads(out.read_text())
+    assert {(r["n_train"], r["n_eval"], r["attention_dropout"]) for r in records} == {(4, 4, 0.0)}
+    again = run_script(*common)  # the checkpoint's dropout: not the recorded run, so it runs (first stage reused)
+    assert "skip " not in again and "first stage" not in again
+    assert [r["attention_dropout"] for r in json.loads(out.read_text())] == [0.0, 0.0, None, None]
 
 
 def test_attention_filter_keeps_the_priority_order_of_the_chosen_runs(tiny_bert):
