@@ -88,6 +88,30 @@ def test_backbone_attention_choice_and_train_mode(tiny_bert, attention):
     assert all(m.training for m in module.modules())  # from_pretrained's eval mode must not leak into training
 
 
+def _sdpa_kernels(dropout_p: float) -> set[str]:
+    from torch.profiler import profile
+
+    q = torch.randn(1, 2, 16, 8, requires_grad=True)
+    with profile() as prof:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=dropout_p).sum().backward()
+    return {e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")}
+
+
+def test_cpu_sdpa_with_attention_dropout_is_named_at_fit_start(tiny_bert, caplog):
+    # The premise, PyTorch's own: its fused CPU kernel takes no dropout, so SDPA with dropout runs the math kernel.
+    assert "aten::_scaled_dot_product_attention_math" in _sdpa_kernels(0.1)
+    assert "aten::_scaled_dot_product_attention_math" not in _sdpa_kernels(0.0)
+    warned = []
+    for attention, config in [("sdpa", None), ("sdpa", {"attention_probs_dropout_prob": 0.0}), ("topk", None),
+                              ("eager", None)]:
+        module = ExtractiveQAModule(backbone=tiny_bert, attention=attention, topk=4, backbone_config=config)
+        caplog.clear()
+        module.on_fit_start()
+        warned.append([r.getMessage() for r in caplog.records if r.levelname == "WARNING"])
+    assert [len(messages) for messages in warned] == [1, 0, 0, 0]
+    assert "attention dropout 0.1" in warned[0][0] and "{'attention_probs_dropout_prob': 0.0}" in warned[0][0]
+
+
 def test_topk_equals_vanilla_when_k_covers_the_sequence(tiny_bert):
     torch.manual_seed(0)
     batch = {"input_ids": torch.randint(1000, 2000, (2, 24)), "attention_mask": torch.ones(2, 24, dtype=torch.long)}
