@@ -347,17 +347,18 @@ def weights_storage(model_dir: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------------- report
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and spread over seeds per (task, mode, attention, k, sizes, epochs, device, pooling, metric)."""
+    """Mean and spread over seeds per (task, mode, attention, k, sizes, epochs, device, pooling, attention dropout,
+    metric)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         key = (r["task"], r["mode"], r["attention"], r["topk"], r["metric"], r["n_train"], r["n_eval"],
-               r["max_length"], r["device"], r.get("epochs"), r.get("pooling"))
+               r["max_length"], r["device"], r.get("epochs"), r.get("pooling"), r.get("attention_dropout"))
         groups.setdefault(key, []).append(r)
     rows = []
     for key, group in groups.items():
         values = [r["value"] for r in group]
         rows.append({**dict(zip(("task", "mode", "attention", "topk", "metric", "n_train", "n_eval", "max_length",
-                                 "device", "epochs", "pooling"), key)),
+                                 "device", "epochs", "pooling", "attention_dropout"), key)),
                      "seeds": sorted(r["seed"] for r in group), "mean": statistics.fmean(values),
                      "sd": statistics.stdev(values) if len(values) > 1 else None,
                      "min": min(values), "max": max(values), "majority": group[0].get("majority"),
@@ -374,7 +375,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
 
     def key_of(r):
         return (r["task"], r["mode"], r["attention"], r["topk"], r["n_train"], r["n_eval"], r["device"], r["epochs"],
-                r["pooling"])
+                r["pooling"], r["attention_dropout"])
 
     acc = {key_of(r): r for r in rows if r["metric"] == "accuracy"}
     f1 = {key_of(r): r for r in rows if r["metric"] == "macro_f1"}
@@ -388,8 +389,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
         return f"{row['mean']:.1f}{sd}"
 
     for key, row in acc.items():
-        task, mode, attention, topk, n_train, n_eval, device, epochs, pooling = key
-        base = acc.get((task, "finetune", "sdpa", None, n_train, n_eval, device, epochs, pooling))
+        task, mode, attention, topk, n_train, n_eval, device, epochs, pooling, dropout = key
+        base = acc.get((task, "finetune", "sdpa", None, n_train, n_eval, device, epochs, pooling, dropout))
         # Paired by seed: each seed's run against the SDPA run of the same seed (zero-shot: the very same model).
         paired = [value - base["by_seed"][seed] for seed, value in row["by_seed"].items()
                   if base is not None and seed in base["by_seed"]]
@@ -397,6 +398,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
         name = "sdpa" if attention == "sdpa" else f"top-k k={topk}"
         mode_name = "fine-tuned" if mode == "finetune" else "zero-shot swap"
         majority = "-" if row["majority"] is None else f"{row['majority']:.1f}"
+        task = task if dropout is None else f"{task} (attention dropout {dropout:g})"
         lines.append(f"| {task} | {device} | {n_train} / {n_eval} | {epochs or '-'} | {name} | {mode_name} | "
                      f"{','.join(map(str, row['seeds']))} | {fmt(row)} | {delta} | {fmt(f1.get(key))} | {majority} | "
                      f"{pooling or '-'} |")
@@ -409,7 +411,8 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     rows = [r for r in summarise(records) if r["metric"] == "accuracy"]
 
     def panel_of(r):
-        return r["task"], r["device"], r["n_train"] or 0, r["n_eval"] or 0, r["epochs"] or 0, r["pooling"] or ""
+        return (r["task"], r["device"], r["n_train"] or 0, r["n_eval"] or 0, r["epochs"] or 0, r["pooling"] or "",
+                -1.0 if r["attention_dropout"] is None else r["attention_dropout"])
 
     panels = sorted({panel_of(r) for r in rows})
     if not panels:
@@ -423,7 +426,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        task, device, n_train, n_eval, epochs, pooling = panel
+        task, device, n_train, n_eval, epochs, pooling, dropout = panel
         mine = [r for r in rows if panel_of(r) == panel]
         for mode, style in (("finetune", "o-"), ("zero_shot", "s--")):
             points = sorted((r["topk"], r["mean"], r["sd"] or 0.0) for r in mine
@@ -449,6 +452,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
         ax.set_ylabel("dev accuracy %")
         passes = f"{epochs} epoch{'s' if epochs != 1 else ''}" if epochs else "? epochs"
         head = "" if pooling in ("", "mean") else f", {pooling} pooling"
+        head += "" if dropout < 0 else f", attention dropout {dropout:g}"
         ax.set_title(f"{task} ({device}, {n_train or 'all'} train x {passes} / {n_eval or 'all'} dev{head})", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()

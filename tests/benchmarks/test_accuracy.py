@@ -201,6 +201,18 @@ def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
                      ("3", "sdpa"): ("0", "70.0", "-"), ("3", "top-k k=32"): ("0", "69.5", "-0.5")}
     assert (tmp_path / "acc.md").read_text().count("| boolq") == 5
 
+    # the same runs with attention dropout 0 are rows of their own, each Δ against the SDPA run at that dropout
+    path.write_text(json.dumps(records + [{**r, "attention_dropout": 0.0, "value": r["value"] - 3}
+                                          for r in records if r["epochs"] == 3]))
+    out = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(path)], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=120)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| boolq")]
+    assert len(rows) == 7 and {(r[0], r[4], r[7], r[8]) for r in rows if r[3] == "3"} == {
+        ("boolq", "sdpa", "70.0", "-"), ("boolq", "top-k k=32", "69.5", "-0.5"),
+        ("boolq (attention dropout 0)", "sdpa", "67.0", "-"),
+        ("boolq (attention dropout 0)", "top-k k=32", "66.5", "-0.5")}
+
 
 
 def test_set_parses_booleans_and_names_a_bad_value():
