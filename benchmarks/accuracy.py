@@ -101,7 +101,8 @@ TASKS = {
                        query_chunk_size=512, min_tokens=2000),
     # Two stages, as long-input models are usually trained: the BoolQ model (SDPA, same seed) goes on to long inputs
     # with each attention, so a few hundred long examples suffice to compare them (the CPU plan). Micro-batches of 2
-    # with 4-step accumulation: dense SDPA's CPU backward at 8 x 2,048 tokens needs more than 24 GiB. Pooled over the
+    # with 4-step accumulation: dense SDPA's CPU backward at 8 x 2,048 tokens needs more than 24 GiB with attention
+    # dropout (the math kernel; --set attention_dropout=0 avoids it, see Task.attention_dropout). Pooled over the
     # question (pooling="first_segment"): a mean over all 2,048 tokens is ~95% distractor text, and with it neither
     # attention left the majority class (the mean-pooled rows of 2026-12-06 in benchmarks/results/accuracy.md).
     "boolq_long_warm": Task(name="boolq_long_warm", recipe="recipes/boolq-long.yaml",
