@@ -331,11 +331,10 @@ class TopKTransformerModule(LightningModule):
         # PyTorch's fused CPU kernel for SDPA takes no dropout: with attention dropout it runs the math kernel, which
         # stores every L x L probability for backward. Top-k applies dropout to its kept entries only.
         config = getattr(self.backbone, "config", None)
-        dropout = next((getattr(config, name) for name in ("attention_probs_dropout_prob", "attention_dropout")
-                        if isinstance(getattr(config, name, None), (int, float))), 0.0)
+        name, dropout = next(((name, getattr(config, name)) for name in ("attention_probs_dropout_prob",
+                                                                         "attention_dropout")
+                              if isinstance(getattr(config, name, None), (int, float))), (None, 0.0))
         if self.hparams.attention == "sdpa" and self.device.type == "cpu" and dropout > 0:
-            name = "attention_probs_dropout_prob" if hasattr(config, "attention_probs_dropout_prob") else \
-                "attention_dropout"
             log.warning("attention='sdpa' on the CPU with attention dropout %g: PyTorch runs SDPA's math kernel, which "
                         "stores the L x L attention probabilities (at 2,048 tokens several times the time and memory "
                         "of the fused kernel; README, 'Dense attention on a CPU'). backbone_config={%r: 0.0} keeps "
