@@ -39,7 +39,7 @@ def test_attention_benchmark_at_tiny_size(tmp_path):
 
 @pytest.mark.slow
 def test_attention_benchmark_encoder_step_records_its_attention_dropout(tmp_path):
-    # --dtype float32: the encoder step without autocast, as accuracy.py trains on a CPU; dropout as asked, recorded
+    # the encoder step alone, at the attention dropout asked for, which the rows and their description record
     _run("attention.py", "--lengths", "--encoder-lengths", "32", "--encoder-impls", "sdpa", "topk", "--topk", "4",
          "--query-chunk-size", "16", "--attention-dropout", "0", "--repeats", "1", "--json",
          str(tmp_path / "rows.json"), cwd=tmp_path)
