@@ -253,6 +253,33 @@ def _deadline_callback(deadline: float):
     return Deadline()
 
 
+def _progress_callback(label: str, every_seconds: float):
+    from lightning.pytorch.callbacks import Callback
+
+    class Progress(Callback):
+        """One printed line per ``every_seconds`` of training: a log of an hours-long run, where a bar's redraws
+        would only pile up. Optimiser steps done of all, mean loss since the last line, time per step, time left."""
+
+        def on_train_start(self, trainer, module) -> None:
+            self.start = self.last = time.monotonic()
+            self.losses: list[float] = []
+            self.printed_step = 0
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            # Lightning hands over the loss divided by the accumulation factor (what backward saw)
+            self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+            now, done = time.monotonic(), trainer.global_step
+            if now - self.last < every_seconds or done == self.printed_step:
+                return  # too soon, or mid-accumulation: no optimiser step since the last line
+            total = trainer.estimated_stepping_batches
+            per_step = (now - self.start) / done
+            print(f"{label}: step {done}/{total}, loss {sum(self.losses) / len(self.losses):.4f}, "
+                  f"{per_step:.2f} s/step, ~{per_step * (total - done) / 60:.0f} min left", flush=True)
+            self.last, self.losses, self.printed_step = now, [], done
+
+    return Progress()
+
+
 def build_module(task: Task, run: Run, model_dir: Path):
     """The recipe's module on ``model_dir`` (the pretrained model, or a first stage's export with its head)."""
     import torch
@@ -272,8 +299,12 @@ def build_module(task: Task, run: Run, model_dir: Path):
     return module
 
 
-def fine_tune(module, train_loader, *, task: Task, device: str, deadline: float) -> float:
-    """Train with Lightning (the recipe's optimiser and schedule come from the module); returns seconds."""
+def fine_tune(module, train_loader, *, task: Task, device: str, deadline: float, label: str,
+              progress_seconds: float) -> float:
+    """Train with Lightning (the recipe's optimiser and schedule come from the module); returns seconds.
+
+    Prints a progress line, prefixed with ``label``, every ``progress_seconds`` (0: every optimiser step).
+    """
     import lightning.pytorch as pl
 
     guard = _deadline_callback(deadline)
@@ -281,7 +312,8 @@ def fine_tune(module, train_loader, *, task: Task, device: str, deadline: float)
         accelerator=device, devices=1, max_epochs=task.epochs, gradient_clip_val=task.gradient_clip_val,
         accumulate_grad_batches=task.accumulate_grad_batches,
         precision="bf16-mixed" if device == "cuda" else "32-true", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[guard],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[guard, _progress_callback(label, progress_seconds)],
     )
     start = time.monotonic()
     trainer.fit(module, train_dataloaders=train_loader)
@@ -606,6 +638,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{DEFAULT_MODELS.relative_to(REPO)}; a missing one is trained first)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds from start; runs that would not "
                         "finish are skipped and a run cut by the budget is discarded, results stay written")
+    parser.add_argument("--progress-every", type=float, default=300.0, metavar="SECONDS",
+                        help="print a line (step, loss, time left) this often while training; 0: every optimiser "
+                        "step (default 300)")
     parser.add_argument("--report", action="store_true", help="only rewrite the table and plot from --out")
     parser.add_argument("--print-settings", action="store_true", help="print the task settings (with --set "
                         "applied) as JSON and exit")
@@ -699,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
             pl.seed_everything(seed, verbose=False)
             first = build_module(source, Run(source, "sdpa", None, seed), model_dir)
             fine_tune(first, loader(first_train, batch_size=source.batch_size, pad_id=pad_id, task=source,
-                                    shuffle_seed=seed), task=source, device=args.device, deadline=deadline)
+                                    shuffle_seed=seed), task=source, device=args.device, deadline=deadline,
+                      label=f"{task.name}: first stage", progress_seconds=args.progress_every)
             first.export(path)
         return path
 
@@ -741,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
             # Seeded after a first stage trained here, so the run draws the same dropout with or without it.
             pl.seed_everything(run.seed, verbose=False)
             module = build_module(task, run, start_model)
-            train_seconds = fine_tune(module, train_loader, task=task, device=args.device, deadline=deadline)
+            train_seconds = fine_tune(module, train_loader, task=task, device=args.device, deadline=deadline,
+                                      label=run.label, progress_seconds=args.progress_every)
             seconds_per_example[(task.name, run.attention)] = train_seconds / (len(train) * task.epochs)
             if run.attention == "sdpa" and (task.name, task.pooling) in first_stages:  # what a second stage starts from
                 module.export(first_stage_dir(args.models_dir, task.name, task.pooling, run.seed))
