@@ -47,6 +47,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -382,17 +383,16 @@ def weights_storage(model_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------------------- report
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and spread over seeds per (task, mode, attention, k, sizes, epochs, device, pooling, attention dropout,
-    metric)."""
+    learning rate, metric): seeds of different settings are never averaged together."""
+    fields = ("task", "mode", "attention", "topk", "metric", "n_train", "n_eval", "max_length", "device", "epochs",
+              "pooling", "attention_dropout", "learning_rate")
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
-        key = (r["task"], r["mode"], r["attention"], r["topk"], r["metric"], r["n_train"], r["n_eval"],
-               r["max_length"], r["device"], r.get("epochs"), r.get("pooling"), r.get("attention_dropout"))
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(tuple(r.get(f) for f in fields), []).append(r)
     rows = []
     for key, group in groups.items():
         values = [r["value"] for r in group]
-        rows.append({**dict(zip(("task", "mode", "attention", "topk", "metric", "n_train", "n_eval", "max_length",
-                                 "device", "epochs", "pooling", "attention_dropout"), key)),
+        rows.append({**dict(zip(fields, key)),
                      "seeds": sorted(r["seed"] for r in group), "mean": statistics.fmean(values),
                      "sd": statistics.stdev(values) if len(values) > 1 else None,
                      "min": min(values), "max": max(values), "majority": group[0].get("majority"),
@@ -404,12 +404,21 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def setting_label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """What sets a row's run apart beyond the table's columns: an attention dropout it set, and its learning rate
+    where runs of the same task used several (e.g. ``"attention dropout 0, lr 1e-05"``)."""
+    parts = [] if row["attention_dropout"] is None else [f"attention dropout {row['attention_dropout']:g}"]
+    if len({r["learning_rate"] for r in rows if r["task"] == row["task"]}) > 1:
+        parts.append(f"lr {row['learning_rate']:g}" if row["learning_rate"] is not None else "lr not recorded")
+    return ", ".join(parts)
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
     rows = summarise(records)
 
     def key_of(r):
         return (r["task"], r["mode"], r["attention"], r["topk"], r["n_train"], r["n_eval"], r["device"], r["epochs"],
-                r["pooling"], r["attention_dropout"])
+                r["pooling"], r["attention_dropout"], r["learning_rate"])
 
     acc = {key_of(r): r for r in rows if r["metric"] == "accuracy"}
     f1 = {key_of(r): r for r in rows if r["metric"] == "macro_f1"}
@@ -423,8 +432,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
         return f"{row['mean']:.1f}{sd}"
 
     for key, row in acc.items():
-        task, mode, attention, topk, n_train, n_eval, device, epochs, pooling, dropout = key
-        base = acc.get((task, "finetune", "sdpa", None, n_train, n_eval, device, epochs, pooling, dropout))
+        task, mode, attention, topk, n_train, n_eval, device, epochs, pooling, dropout, learning_rate = key
+        base = acc.get((task, "finetune", "sdpa", None, n_train, n_eval, device, epochs, pooling, dropout,
+                        learning_rate))
         # Paired by seed: each seed's run against the SDPA run of the same seed (zero-shot: the very same model).
         paired = [value - base["by_seed"][seed] for seed, value in row["by_seed"].items()
                   if base is not None and seed in base["by_seed"]]
@@ -432,7 +442,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
         name = "sdpa" if attention == "sdpa" else f"top-k k={topk}"
         mode_name = "fine-tuned" if mode == "finetune" else "zero-shot swap"
         majority = "-" if row["majority"] is None else f"{row['majority']:.1f}"
-        task = task if dropout is None else f"{task} (attention dropout {dropout:g})"
+        label = setting_label(row, rows)
+        task = f"{task} ({label})" if label else task
         lines.append(f"| {task} | {device} | {n_train} / {n_eval} | {epochs or '-'} | {name} | {mode_name} | "
                      f"{','.join(map(str, row['seeds']))} | {fmt(row)} | {delta} | {fmt(f1.get(key))} | {majority} | "
                      f"{pooling or '-'} |")
@@ -446,7 +457,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
 
     def panel_of(r):
         return (r["task"], r["device"], r["n_train"] or 0, r["n_eval"] or 0, r["epochs"] or 0, r["pooling"] or "",
-                -1.0 if r["attention_dropout"] is None else r["attention_dropout"])
+                setting_label(r, rows))
 
     panels = sorted({panel_of(r) for r in rows})
     if not panels:
@@ -460,7 +471,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        task, device, n_train, n_eval, epochs, pooling, dropout = panel
+        task, device, n_train, n_eval, epochs, pooling, label = panel
         mine = [r for r in rows if panel_of(r) == panel]
         for mode, style in (("finetune", "o-"), ("zero_shot", "s--")):
             points = sorted((r["topk"], r["mean"], r["sd"] or 0.0) for r in mine
@@ -474,8 +485,10 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
                 ax.axhline(r["mean"], color="k", label="SDPA, fine-tuned")
                 if r["sd"]:
                     ax.axhspan(r["mean"] - r["sd"], r["mean"] + r["sd"], color="k", alpha=0.1)
-                if r["majority"] is not None:
-                    ax.axhline(r["majority"], color="grey", linestyle=":", label="majority class")
+        # one dev set per panel, so one majority class; drawn also where no SDPA run is in the panel (yet)
+        majority = next((r["majority"] for r in mine if r["majority"] is not None), None)
+        if majority is not None:
+            ax.axhline(majority, color="grey", linestyle=":", label="majority class")
         # At least 8 points of accuracy on the axis: runs within a point of each other must not fill the panel.
         low, high = ax.get_ylim()
         if high - low < 8:
@@ -486,8 +499,9 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
         ax.set_ylabel("dev accuracy %")
         passes = f"{epochs} epoch{'s' if epochs != 1 else ''}" if epochs else "? epochs"
         head = "" if pooling in ("", "mean") else f", {pooling} pooling"
-        head += "" if dropout < 0 else f", attention dropout {dropout:g}"
-        ax.set_title(f"{task} ({device}, {n_train or 'all'} train x {passes} / {n_eval or 'all'} dev{head})", fontsize=9)
+        head += f", {label}" if label else ""
+        title = f"{task} ({device}, {n_train or 'all'} train x {passes} / {n_eval or 'all'} dev{head})"
+        ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)  # long titles overran the next panel
         ax.legend(fontsize=7)
     fig.tight_layout()
     from topk_lightning.atomic import atomic_output

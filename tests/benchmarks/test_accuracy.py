@@ -228,6 +228,22 @@ def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
         ("boolq (attention dropout 0)", "sdpa", "67.0", "-"),
         ("boolq (attention dropout 0)", "top-k k=32", "66.5", "-0.5")}
 
+    # a second learning rate tried on the same sizes: seeds are averaged within a rate, never across, every row of
+    # the task says its rate, and Δ is against the SDPA run at the same rate
+    at_1e5 = [{**r, "learning_rate": 1e-5, "value": r["value"] + 1} for r in records
+              if r["epochs"] == 1 and r["topk"] in (None, 32)]
+    path.write_text(json.dumps([{**r, "learning_rate": 5e-5} for r in records] + at_1e5))
+    out = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(path)], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=120)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| boolq")]
+    assert len(rows) == 7 and {(r[0], r[4], r[6], r[7], r[8]) for r in rows if r[3] == "1"} == {
+        ("boolq (lr 5e-05)", "sdpa", "0,1", "67.0 ± 1.4", "-"),
+        ("boolq (lr 5e-05)", "top-k k=32", "0,1", "64.5 ± 0.7", "-2.5"),
+        ("boolq (lr 5e-05)", "top-k k=64", "0", "65.0", "-1.0"),
+        ("boolq (lr 1e-05)", "sdpa", "0,1", "68.0 ± 1.4", "-"),
+        ("boolq (lr 1e-05)", "top-k k=32", "0,1", "65.5 ± 0.7", "-2.5")}
+
 
 
 def test_set_parses_booleans_and_names_a_bad_value():
