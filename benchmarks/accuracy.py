@@ -177,9 +177,11 @@ def ordered_runs(tasks: list[Task], seeds: tuple[int, ...]) -> list[Run]:
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def load_split(task: Task, data_dir: Path, split: str, limit: int | None, tokenizer) -> list[dict[str, Any]]:
+def load_split(task: Task, data_dir: Path, split: str, limit: int | None, tokenizer,
+               position: str = "random") -> list[dict[str, Any]]:
     """Tokenised examples of ``split`` ("train" | "dev"): the first ``limit`` questions (long inputs: built from the
-    whole file, as ``python -m topk_lightning.data.long_boolq`` writes them, then cut)."""
+    whole file, as ``python -m topk_lightning.data.long_boolq`` writes them, then cut; the own passage at
+    ``position``)."""
     from topk_lightning.data.long_boolq import build_long_boolq, read_boolq, token_counter
 
     path = data_dir / f"{split}.jsonl"
@@ -188,7 +190,8 @@ def load_split(task: Task, data_dir: Path, split: str, limit: int | None, tokeni
     records = read_boolq(path)
     if task.min_tokens is not None:
         records = build_long_boolq(records, count_tokens=token_counter(tokenizer), min_tokens=task.min_tokens,
-                                   max_length=task.max_length, seed=0, split=split, limit=limit)
+                                   max_length=task.max_length, seed=0, split=split, limit=limit,
+                                   position=position)
     records = records[:limit] if limit else records
     encoded = tokenizer([r["question"] for r in records], [r["passage"] for r in records], truncation=True,
                         max_length=task.max_length)

@@ -6,11 +6,12 @@ BoolQ before any long-input training, with SDPA and with top-k swapped in: does 
     python benchmarks/first_stage_long.py --n-eval 1000 --topk 64 256 --out benchmarks/results/long_transfer.json
     python benchmarks/first_stage_long.py --max-length 1152 ...              # fewer distractors: 1,104-1,152 tokens
     python benchmarks/first_stage_long.py --max-length 320 --min-tokens 0 ... # no distractors (stage 1's inputs)
+    python benchmarks/first_stage_long.py --position first ...               # own passage first: same distractors
 
 Uses accuracy.py's own loading, batching, pooling and scoring (``boolq_long_warm`` settings); prints one line per
 attention (SDPA first, then top-k at each k). With ``--out``, each score is also added to a JSON list (records
 ``{model, attention, topk, metric, value, n_eval, majority, ...}``, written atomically); scores already there for the
-same model, attention, k, n_eval, max_length and min_tokens are not run again.
+same model, attention, k, n_eval, max_length, min_tokens and position are not run again.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402  (benchmarks/accuracy.py; it puts the repository on sys.path)
 
 # A score is the same run as a recorded one when these fields agree (--out resumes on them).
-SAME_RUN = ("model", "attention", "topk", "n_eval", "max_length", "min_tokens")
+SAME_RUN = ("model", "attention", "topk", "n_eval", "max_length", "min_tokens", "position")
+
+
+def recorded(record: dict, field: str):
+    """``record[field]``; for records written before ``position`` existed, the position they ran with."""
+    if field == "position" and field not in record:
+        return None if record.get("min_tokens") is None else "random"
+    return record.get(field)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-tokens", type=int, default=None, help="distractor passages are added until the "
                         f"input has this many tokens (default: --max-length - {margin}; 0: none, the question's "
                         "own passage alone, cut at --max-length as in the first stage)")
+    parser.add_argument("--position", choices=("random", "first", "last"), default="random",
+                        help="where the question's own passage goes among the distractors (default: random, the "
+                        "task; first / last keep the same distractors and measure what the position costs)")
     parser.add_argument("--out", type=Path, default=None, help="add the scores to this JSON list (resumable)")
     args = parser.parse_args(argv)
     min_tokens = args.max_length - margin if args.min_tokens is None else args.min_tokens
@@ -56,26 +67,30 @@ def main(argv: list[str] | None = None) -> int:
     records = accuracy.load_records(args.out) if args.out else []
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     try:
-        dev = accuracy.load_split(task, args.data_dir, "dev", args.n_eval, tokenizer)
+        dev = accuracy.load_split(task, args.data_dir, "dev", args.n_eval, tokenizer, position=args.position)
     except ValueError as error:  # a question whose own passage does not fit --max-length
         print(f"first_stage_long: {error} (raise --max-length)", file=sys.stderr)
         return 2
     batches = accuracy.loader(dev, batch_size=task.eval_batch_size, pad_id=tokenizer.pad_token_id or 0, task=task,
                               shuffle_seed=None)
     majority = accuracy.majority_percent(dev)
-    print(f"{len(dev)} dev questions ({'own passage only' if task.min_tokens is None else 'with distractors'}, "
+    where = "own passage only" if task.min_tokens is None else f"with distractors, own passage {args.position}"
+    print(f"{len(dev)} dev questions ({where}, "
           f"{task.min_tokens or 0}-{task.max_length} tokens), majority {majority:.1f}%")
     accuracy.ENVIRONMENT.update(accuracy.describe_environment("cpu"))
     for attention, k in [("sdpa", None)] + [("topk", k) for k in args.topk]:
         name = "sdpa" if k is None else f"top-k k={k}"
         run = {"model": args.model.name, "attention": attention, "topk": k, "n_eval": len(dev),
-               "max_length": task.max_length, "min_tokens": task.min_tokens}
-        if any(all(r.get(field) == run[field] for field in SAME_RUN) for r in records):
-            print(f"{args.model.name} at {task.max_length} tokens, {name}: already in {args.out}", flush=True)
+               "max_length": task.max_length, "min_tokens": task.min_tokens,
+               "position": args.position if task.min_tokens is not None else None}
+        what = f"{args.model.name} at {task.max_length} tokens" + (
+            "" if run["position"] in (None, "random") else f", own passage {run['position']}")
+        if any(all(recorded(r, field) == run[field] for field in SAME_RUN) for r in records):
+            print(f"{what}, {name}: already in {args.out}", flush=True)
             continue
         module = accuracy.build_module(task, accuracy.Run(task, attention, k, 0), args.model)
         acc, f1, seconds = accuracy.evaluate(module, batches, device="cpu", deadline=float("inf"))
-        print(f"{args.model.name} at {task.max_length} tokens, {name}: accuracy {acc:.2f}  macro-F1 {f1:.2f}  "
+        print(f"{what}, {name}: accuracy {acc:.2f}  macro-F1 {f1:.2f}  "
               f"({seconds:.0f} s)", flush=True)
         if args.out:
             common = {**run, "task": task.name, "pooling": task.pooling, "majority": round(majority, 2),

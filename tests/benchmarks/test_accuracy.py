@@ -308,7 +308,7 @@ def test_first_stage_long_scores_a_model_on_long_inputs_with_each_attention(tmp_
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if "at 2048 tokens" in line]
     assert len(lines) == 2 and "sdpa: accuracy" in lines[0] and "top-k k=16: accuracy" in lines[1]
-    assert result.stdout.startswith("4 dev questions (with distractors, 2000-2048 tokens), majority")
+    assert result.stdout.startswith("4 dev questions (with distractors, own passage random, 2000-2048 tokens), majority")
     records = json.loads(out.read_text())
     assert [(r["attention"], r["topk"], r["metric"]) for r in records] == [
         ("sdpa", None, "accuracy"), ("sdpa", None, "macro_f1"), ("topk", 16, "accuracy"), ("topk", 16, "macro_f1")]
@@ -321,6 +321,18 @@ def test_first_stage_long_scores_a_model_on_long_inputs_with_each_attention(tmp_
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("already in") == 2 and "top-k k=32: accuracy" in again.stdout
     assert json.loads(out.read_text())[:4] == records and len(json.loads(out.read_text())) == 6
+    # the own passage placed first is another score; records written before positions were recorded resume as random
+    out.write_text(json.dumps([{k: v for k, v in r.items() if k != "position"} for r in json.loads(out.read_text())]))
+    first = subprocess.run(command[:-4] + ["--topk", "16", "--position", "first", "--out", out], capture_output=True,
+                           text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.startswith("4 dev questions (with distractors, own passage first, 2000-2048 tokens)")
+    assert "already in" not in first.stdout and "own passage first, top-k k=16: accuracy" in first.stdout
+    assert [r["position"] for r in json.loads(out.read_text())[6:]] == ["first"] * 4
+    resumed = subprocess.run(command[:-4] + ["--topk", "16", "--out", out], capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert resumed.returncode == 0 and resumed.stdout.count("already in") == 2, resumed.stdout[-1000:]
+    out.write_text(json.dumps(json.loads(out.read_text())[:6]))
     # the same questions without distractors (the first stage's inputs) are another score, not a resumed one
     short = subprocess.run(command[:-4] + ["--topk", "--max-length", "320", "--min-tokens", "0", "--out", out],
                            capture_output=True, text=True, env=env, timeout=600)

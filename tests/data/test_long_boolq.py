@@ -56,6 +56,25 @@ def test_deterministic_and_limit_is_a_prefix():
     assert full != build_long_boolq(records, **{**kwargs, "split": "train"})
 
 
+def test_position_first_or_last_moves_only_the_own_passage():
+    records = make_records()
+    kwargs = dict(count_tokens=words, min_tokens=150, max_length=170, seed=2)
+    placed = {where: build_long_boolq(records, **kwargs, position=where) for where in ("random", "first", "last")}
+    for source, shuffled, first, last in zip(records, placed["random"], placed["first"], placed["last"]):
+        own = source["passage"]
+        parts = {name: example["passage"].split(SEPARATOR)
+                 for name, example in (("random", shuffled), ("first", first), ("last", last))}
+        assert parts["first"][0] == own and first["position"] == 0
+        assert parts["last"][-1] == own and last["position"] == last["passages"] - 1
+        # the same distractors in the same order: only the own passage moved
+        distractors = [p for i, p in enumerate(parts["random"]) if i != shuffled["position"]]
+        assert parts["first"][1:] == distractors and parts["last"][:-1] == distractors
+        assert first["tokens"] == last["tokens"] == shuffled["tokens"]
+    assert {e["position"] for e in placed["random"]} != {0}  # the task itself still moves it
+    with pytest.raises(ValueError, match="position must be one of \\['random', 'first', 'last'\\], got 'middle'"):
+        build_long_boolq(records, **kwargs, position="middle")
+
+
 def test_too_long_own_passage_and_bad_range():
     records = make_records()
     with pytest.raises(ValueError, match="q2.*take 43 tokens, more than max_length=40"):

@@ -36,6 +36,7 @@ from typing import Any
 __all__ = ["build_long_boolq", "read_boolq", "title_of", "write_jsonl"]
 
 SEPARATOR = "\n\n"
+POSITIONS = ("random", "first", "last")
 _FIELDS = ("id", "question", "passage", "label")
 
 
@@ -99,6 +100,7 @@ def build_long_boolq(
     seed: int = 0,
     split: str = "train",
     limit: int | None = None,
+    position: str = "random",
 ) -> list[dict[str, Any]]:
     """Long-input versions of BoolQ ``records`` (see the module docstring).
 
@@ -112,12 +114,17 @@ def build_long_boolq(
         seed, split: the random stream (``random.Random(f"long_boolq:{split}:{seed}")``).
         limit: build only the first ``limit`` examples (distractors still come from all records); they equal the
             first ``limit`` of the full build, since examples are drawn in order from one stream.
+        position: where the own passage goes among the distractors: ``"random"`` (the task), or ``"first"`` /
+            ``"last"`` to measure what the position costs; the distractors are the same for all three.
 
     Raises:
-        ValueError: ``min_tokens > max_length``, or a question + own passage already longer than ``max_length``.
+        ValueError: ``min_tokens > max_length``, an unknown ``position``, or a question + own passage already longer
+            than ``max_length``.
     """
     if min_tokens > max_length:
         raise ValueError(f"min_tokens ({min_tokens}) must be <= max_length ({max_length})")
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {list(POSITIONS)}, got {position!r}")
     rng = random.Random(f"long_boolq:{split}:{seed}")
     lengths: dict[int, int] = {}  # counted on first use: a small build touches few of the passages
 
@@ -156,15 +163,16 @@ def build_long_boolq(
                 cost = count_tokens(passage)
             chosen.append(passage)
             used += cost + separator_cost
-        position = rng.randint(0, len(chosen))
-        chosen.insert(position, record["passage"])
+        drawn = rng.randint(0, len(chosen))  # drawn whatever ``position`` says: the same stream, same distractors
+        index_of_own = {"random": drawn, "first": 0, "last": len(chosen)}[position]
+        chosen.insert(index_of_own, record["passage"])
         text = SEPARATOR.join(chosen)
         tokens = special_tokens + count_tokens(record["question"]) + count_tokens(text)
         if tokens > max_length:  # a tokenizer whose counts do not add up over passages
             raise ValueError(f"record {record['id']!r}: the joined passages take {tokens} tokens, more than "
                              f"max_length={max_length}")
         out.append({"id": record["id"], "question": record["question"], "passage": text, "label": record["label"],
-                    "position": position, "passages": len(chosen), "tokens": tokens})
+                    "position": index_of_own, "passages": len(chosen), "tokens": tokens})
     return out
 
 
@@ -197,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N questions")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--position", choices=POSITIONS, default="random",
+                        help="where the own passage goes among the distractors (default: random, the task)")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -212,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     # distractors come from the whole file; --limit only shortens the output
     long = build_long_boolq(records, count_tokens=token_counter(tokenizer), min_tokens=args.min_tokens,
-                            max_length=args.max_length, seed=args.seed, split=args.input.stem, limit=args.limit)
+                            max_length=args.max_length, seed=args.seed, split=args.input.stem, limit=args.limit,
+                            position=args.position)
     write_jsonl(long, args.output)
     print(f"wrote {len(long)} records to {args.output}")
     return 0
