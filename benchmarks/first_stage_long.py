@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402  (benchmarks/accuracy.py; it puts the repository on sys.path)
+from topk_lightning.data.long_boolq import POSITIONS  # noqa: E402
 
 # A score is the same run as a recorded one when these fields agree (--out resumes on them).
 SAME_RUN = ("model", "attention", "topk", "n_eval", "max_length", "min_tokens", "position")
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-tokens", type=int, default=None, help="distractor passages are added until the "
                         f"input has this many tokens (default: --max-length - {margin}; 0: none, the question's "
                         "own passage alone, cut at --max-length as in the first stage)")
-    parser.add_argument("--position", choices=("random", "first", "last"), default="random",
+    parser.add_argument("--position", choices=POSITIONS, default="random",
                         help="where the question's own passage goes among the distractors (default: random, the "
                         "task; first / last keep the same distractors and measure what the position costs)")
     parser.add_argument("--out", type=Path, default=None, help="add the scores to this JSON list (resumable)")
