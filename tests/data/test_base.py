@@ -24,6 +24,13 @@ def test_collator_pads_to_multiple():
     assert PaddingCollator(0, None)(features)["input_ids"].shape == (2, 70)
 
 
+def test_collator_pads_position_ids_with_zeros():
+    features = [{"input_ids": [101, 5, 102], "position_ids": [0, 7, 8]},
+                {"input_ids": [101, 102], "position_ids": [0, 1]}]
+    batch = PaddingCollator(pad_token_id=0, pad_to_multiple_of=4)(features)
+    assert batch["position_ids"].tolist() == [[0, 7, 8, 0], [0, 1, 0, 0]]
+
+
 def test_collator_rounds_to_the_query_chunk_but_never_past_max_length():
     collate = PaddingCollator(pad_token_id=0, pad_to_multiple_of=512, max_length=2000)
     assert [collate.padded_length(n) for n in (1, 512, 513, 1300, 1537, 2000)] == [512, 512, 1024, 1536, 2000, 2000]

@@ -125,6 +125,22 @@ def test_topk_equals_vanilla_when_k_covers_the_sequence(tiny_bert):
     torch.testing.assert_close(a[mask], b[mask], atol=1e-4, rtol=1e-4)
 
 
+def test_batch_position_ids_reach_the_backbone(tiny_bert):
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    restarted = torch.tensor([list(range(4)) + list(range(4, 8)) * 2] * 2)  # two passages, each from position 4
+    module = ExtractiveQAModule(backbone=tiny_bert, attention="sdpa").eval()
+    reference = AutoModel.from_pretrained(tiny_bert, attn_implementation="eager").eval()  # transformers' own path
+    with torch.no_grad():
+        ours = module.encode({**batch, "position_ids": restarted})
+        theirs = reference(**batch, position_ids=restarted).last_hidden_state
+        default = module.encode(batch)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, default, atol=1e-3)  # the ids were not ignored
+
+
 def test_max_positions_extends_the_learned_table(tiny_bert):
     module = ExtractiveQAModule(backbone=tiny_bert, attention="topk", topk=8, max_positions=300)
     table = module.backbone.embeddings.position_embeddings

@@ -32,8 +32,8 @@ _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "t
                  "predict": ("predict",)}
 
 # Keys padded along the sequence dimension, with their pad value (None = the tokenizer's pad id).
-_SEQUENCE_KEYS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "offset_mapping": -1,
-                  "special_tokens_mask": 1}
+_SEQUENCE_KEYS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "position_ids": 0,
+                  "offset_mapping": -1, "special_tokens_mask": 1}
 _SCALAR_KEYS = ("start_positions", "end_positions", "labels")
 _DROPPED_KEYS = ("length", "example_index")
 
@@ -73,10 +73,10 @@ def round_up(length: int, multiple: int | None) -> int:
 class PaddingCollator:
     """Collate feature dicts into tensors, padding sequences to the batch's longest, rounded up to a multiple.
 
-    Sequence keys (``input_ids``, ``attention_mask``, ``token_type_ids``, ``offset_mapping``) are right-padded
-    (``input_ids`` with ``pad_token_id``, masks and type ids with 0, offsets with ``(-1, -1)``); label keys become a
-    LongTensor (B,); anything else (``example_id``, ``context``, ``answers``) stays a Python list. Picklable, for
-    worker processes.
+    Sequence keys (``input_ids``, ``attention_mask``, ``token_type_ids``, ``position_ids``, ``offset_mapping``) are
+    right-padded (``input_ids`` with ``pad_token_id``, masks, type and position ids with 0, offsets with
+    ``(-1, -1)``); label keys become a LongTensor (B,); anything else (``example_id``, ``context``, ``answers``)
+    stays a Python list. Picklable, for worker processes.
 
     The padded length is the longest sequence rounded up to ``pad_to_multiple_of`` (the CLI sets it to the model's
     query chunk, so top-k attention scores whole chunks), but never more than ``max_length``: the model's position

@@ -289,10 +289,12 @@ class TopKTransformerModule(LightningModule):
 
     @staticmethod
     def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-        """The keyword arguments a Hugging Face model takes from a collated batch."""
+        """The keyword arguments a Hugging Face model takes from a collated batch (``token_type_ids`` and
+        ``position_ids`` when the batch has them; without ``position_ids`` the model counts 0, 1, 2, ...)."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-        if batch.get("token_type_ids") is not None:
-            inputs["token_type_ids"] = batch["token_type_ids"]
+        for key in ("token_type_ids", "position_ids"):
+            if batch.get(key) is not None:
+                inputs[key] = batch[key]
         return inputs
 
     def encode(self, batch: dict[str, Any]) -> torch.Tensor:
