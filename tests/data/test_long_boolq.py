@@ -1,11 +1,13 @@
 """Long-input BoolQ: the own passage whole at the recorded position, distractors from other articles, lengths in
-range, labels unchanged, deterministic; bad files rejected by name; the CLI writes atomically."""
+range, labels unchanged, deterministic; bad files rejected by name; the CLI writes atomically; position ids that
+restart per passage."""
 
 import json
 
 import pytest
 
-from topk_lightning.data.long_boolq import SEPARATOR, build_long_boolq, main, read_boolq, title_of
+from topk_lightning.data.long_boolq import (SEPARATOR, build_long_boolq, main, passage_position_ids, read_boolq,
+                                           title_of)
 
 
 def words(text):  # an independent token count: whitespace words
@@ -109,3 +111,25 @@ def test_cli_writes_jsonl_atomically(tmp_path, tokenizer_path):
     assert [r["id"] for r in lines] == ["q0", "q1", "q2"] and all(300 <= r["tokens"] <= 320 for r in lines)
     assert [p.name for p in out.parent.iterdir()] == ["dev.jsonl"]  # no temporary left
     assert main([str(tmp_path / "missing.jsonl"), str(out)]) == 2
+
+
+def test_passage_position_ids_restart_at_every_passage(tokenizer):
+    records = make_records()
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for position in ("first", "last"):
+        example = build_long_boolq(records, count_tokens=count, min_tokens=600, max_length=640, limit=2,
+                                   position=position)[1]
+        encoded = tokenizer(example["question"], example["passage"], return_offsets_mapping=True)
+        ids = passage_position_ids(example["passage"], encoded["token_type_ids"], encoded["offset_mapping"])
+        # independent reference: each passage tokenised on its own, counted from the end of [CLS] question [SEP]
+        first = len(tokenizer(example["question"])["input_ids"])
+        expected = list(range(first))
+        for part in example["passage"].split(SEPARATOR):
+            expected += list(range(first, first + count(part)))
+        expected.append(expected[-1] + 1)  # the closing [SEP] follows the last passage
+        assert example["passages"] >= 3 and ids == expected
+
+
+def test_passage_position_ids_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="differ in length"):
+        passage_position_ids("a", [0, 1], [(0, 0)])
