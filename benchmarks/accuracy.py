@@ -62,6 +62,9 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing it (the 
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "boolq"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy.json"
 DEFAULT_MODELS = REPO / "outputs" / "accuracy-models"
+#: How long inputs get their position ids (``load_split``); the recipes and every run of the plans use "count".
+POSITION_IDS = ("count", "clamp", "restart")
+PRETRAINED_POSITIONS = 512  # rows of the bundled MiniLM's learned position table
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -92,6 +95,9 @@ class Task:
     # stores the L x L probabilities: a 2 x 2,048-token step takes 4.6x the time and 9x the memory of dropout 0
     # (README, "Dense attention on a CPU").
     attention_dropout: float | None = None
+    # Long inputs: "count" (0, 1, 2, ... through the table extended by copying, as the recipes do) or "restart"
+    # (each passage numbered from the end of the question; load_split). "restart" has no recipe flag yet.
+    position_ids: str = "count"
 
 
 TASKS = {
@@ -178,12 +184,20 @@ def ordered_runs(tasks: list[Task], seeds: tuple[int, ...]) -> list[Run]:
 
 # ---------------------------------------------------------------------------------------------------- data
 def load_split(task: Task, data_dir: Path, split: str, limit: int | None, tokenizer,
-               position: str = "random") -> list[dict[str, Any]]:
+               position: str = "random", position_ids: str = "count") -> list[dict[str, Any]]:
     """Tokenised examples of ``split`` ("train" | "dev"): the first ``limit`` questions (long inputs: built from the
     whole file, as ``python -m topk_lightning.data.long_boolq`` writes them, then cut; the own passage at
-    ``position``)."""
-    from topk_lightning.data.long_boolq import build_long_boolq, read_boolq, token_counter
+    ``position``).
 
+    ``position_ids`` (long inputs only; see ``POSITION_IDS``): ``"count"`` leaves them to the model (0, 1, 2, ...
+    through the table extended by copying, what every recipe does); ``"clamp"`` gives every token past the
+    pretrained table's last row that row (no copied rows in use); ``"restart"`` starts every passage's positions
+    again after the question (``passage_position_ids``)."""
+    from topk_lightning.data.long_boolq import build_long_boolq, passage_position_ids, read_boolq, token_counter
+
+    if position_ids not in POSITION_IDS or (position_ids != "count" and task.min_tokens is None):
+        raise ValueError(f"position_ids must be one of {list(POSITION_IDS)} ('count' for short inputs), "
+                         f"got {position_ids!r}")
     path = data_dir / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"BoolQ file not found: {path} (give --data-dir, the folder of train.jsonl/dev.jsonl)")
@@ -194,10 +208,17 @@ def load_split(task: Task, data_dir: Path, split: str, limit: int | None, tokeni
                                    position=position)
     records = records[:limit] if limit else records
     encoded = tokenizer([r["question"] for r in records], [r["passage"] for r in records], truncation=True,
-                        max_length=task.max_length)
+                        max_length=task.max_length, return_offsets_mapping=position_ids == "restart")
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
-    return [{**{k: encoded[k][i] for k in keys}, "labels": int(r["label"] == "true")}
-            for i, r in enumerate(records)]
+    examples = [{**{k: encoded[k][i] for k in keys}, "labels": int(r["label"] == "true")}
+                for i, r in enumerate(records)]
+    for i, (example, record) in enumerate(zip(examples, records)):
+        if position_ids == "clamp":
+            example["position_ids"] = [min(t, PRETRAINED_POSITIONS - 1) for t in range(len(example["input_ids"]))]
+        elif position_ids == "restart":
+            example["position_ids"] = passage_position_ids(record["passage"], encoded["token_type_ids"][i],
+                                                           encoded["offset_mapping"][i])
+    return examples
 
 
 def loader(examples: list[dict[str, Any]], *, batch_size: int, pad_id: int, task: Task, shuffle_seed: int | None):
@@ -345,12 +366,17 @@ def evaluate(module, eval_loader, *, device: str, deadline: float) -> tuple[floa
 
 
 # ---------------------------------------------------------------------------------------------------- records
+def setting(record: dict[str, Any], field: str) -> Any:
+    """``record[field]``; records written before ``position_ids`` was recorded ran with "count"."""
+    return record.get(field, "count" if field == "position_ids" else None)
+
+
 def run_key(record: dict[str, Any]) -> tuple:
     """What makes two records the same run (resuming skips a run whose records are all present)."""
-    return tuple(record.get(k) for k in ("task", "attention", "topk", "mode", "seed", "n_train", "n_eval",
-                                         "max_length", "epochs", "learning_rate", "pooling", "batch_size", "warmup_ratio",
-                                         "query_chunk_size", "device", "start_from",
-                                         "attention_dropout"))
+    return tuple(setting(record, k) for k in ("task", "attention", "topk", "mode", "seed", "n_train", "n_eval",
+                                              "max_length", "epochs", "learning_rate", "pooling", "batch_size",
+                                              "warmup_ratio", "query_chunk_size", "device", "start_from",
+                                              "attention_dropout", "position_ids"))
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -386,12 +412,12 @@ def weights_storage(model_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------------------- report
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and spread over seeds per (task, mode, attention, k, sizes, epochs, device, pooling, attention dropout,
-    learning rate, metric): seeds of different settings are never averaged together."""
+    learning rate, position ids, metric): seeds of different settings are never averaged together."""
     fields = ("task", "mode", "attention", "topk", "metric", "n_train", "n_eval", "max_length", "device", "epochs",
-              "pooling", "attention_dropout", "learning_rate")
+              "pooling", "attention_dropout", "learning_rate", "position_ids")
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault(tuple(r.get(f) for f in fields), []).append(r)
+        groups.setdefault(tuple(setting(r, f) for f in fields), []).append(r)
     rows = []
     for key, group in groups.items():
         values = [r["value"] for r in group]
@@ -408,11 +434,14 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def setting_label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """What sets a row's run apart beyond the table's columns: an attention dropout it set, and its learning rate
-    where runs of the same task used several (e.g. ``"attention dropout 0, lr 1e-05"``)."""
+    """What sets a row's run apart beyond the table's columns: an attention dropout it set, its learning rate
+    where runs of the same task used several, and position ids other than counted ones (e.g. ``"attention dropout
+    0, lr 1e-05, position ids restart"``)."""
     parts = [] if row["attention_dropout"] is None else [f"attention dropout {row['attention_dropout']:g}"]
     if len({r["learning_rate"] for r in rows if r["task"] == row["task"]}) > 1:
         parts.append(f"lr {row['learning_rate']:g}" if row["learning_rate"] is not None else "lr not recorded")
+    if row["position_ids"] != "count":
+        parts.append(f"position ids {row['position_ids']}")
     return ", ".join(parts)
 
 
@@ -421,7 +450,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
 
     def key_of(r):
         return (r["task"], r["mode"], r["attention"], r["topk"], r["n_train"], r["n_eval"], r["device"], r["epochs"],
-                r["pooling"], r["attention_dropout"], r["learning_rate"])
+                r["pooling"], r["attention_dropout"], r["learning_rate"], r["position_ids"])
 
     acc = {key_of(r): r for r in rows if r["metric"] == "accuracy"}
     f1 = {key_of(r): r for r in rows if r["metric"] == "macro_f1"}
@@ -435,9 +464,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
         return f"{row['mean']:.1f}{sd}"
 
     for key, row in acc.items():
-        task, mode, attention, topk, n_train, n_eval, device, epochs, pooling, dropout, learning_rate = key
+        task, mode, attention, topk, n_train, n_eval, device, epochs, pooling, dropout, learning_rate, ids = key
         base = acc.get((task, "finetune", "sdpa", None, n_train, n_eval, device, epochs, pooling, dropout,
-                        learning_rate))
+                        learning_rate, ids))
         # Paired by seed: each seed's run against the SDPA run of the same seed (zero-shot: the very same model).
         paired = [value - base["by_seed"][seed] for seed, value in row["by_seed"].items()
                   if base is not None and seed in base["by_seed"]]
@@ -593,6 +622,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 out[key] = int(value) if value else None
             elif key == "attention_dropout":
                 out[key] = float(value) if value else None
+            elif key == "position_ids":
+                out[key] = {ids: ids for ids in POSITION_IDS}[value]
             elif isinstance(default, bool):  # bool("false") is True
                 out[key] = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
             else:
@@ -619,7 +650,7 @@ def base_record(run: Run, *, n_train: int, n_eval: int, device: str, weights: st
             "batch_size": task.batch_size, "pooling": task.pooling, "query_chunk_size": task.query_chunk_size,
             "warmup_ratio": task.warmup_ratio, "min_tokens": task.min_tokens, "start_from": task.start_from,
             "accumulate_grad_batches": task.accumulate_grad_batches, "attention_dropout": task.attention_dropout,
-            "weights": weights, "majority": round(majority, 2), **ENVIRONMENT}
+            "position_ids": task.position_ids, "weights": weights, "majority": round(majority, 2), **ENVIRONMENT}
 
 
 def metric_records(base: dict, *, mode: str, topk: int | None, attention: str, accuracy: float, macro_f1: float,
@@ -730,8 +761,10 @@ def main(argv: list[str] | None = None) -> int:
             n_train, n_eval = plan.sizes[task.name]
             if not first_stage:
                 n_train, n_eval = args.n_train or n_train, args.n_eval or n_eval
-            data_cache[key] = (load_split(task, args.data_dir, "train", n_train, tokenizer),
-                               load_split(task, args.data_dir, "dev", n_eval, tokenizer))
+            data_cache[key] = (load_split(task, args.data_dir, "train", n_train, tokenizer,
+                                          position_ids=task.position_ids),
+                               load_split(task, args.data_dir, "dev", n_eval, tokenizer,
+                                          position_ids=task.position_ids))
         return data_cache[key]
 
     # A second stage keeps its first stage's head, so the first stage is trained with the second stage's pooling.

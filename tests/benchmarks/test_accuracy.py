@@ -185,6 +185,7 @@ def test_recipe_matches_benchmark_settings(task):
     assert data["group_by_length"] is True
     assert trainer["max_epochs"] == setting["epochs"] and trainer["gradient_clip_val"] == setting["gradient_clip_val"]
     assert trainer.get("accumulate_grad_batches", 1) == setting["accumulate_grad_batches"]
+    assert setting["position_ids"] == "count"  # the recipes' data modules let the model count positions
 
 
 def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
@@ -244,6 +245,19 @@ def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
         ("boolq (lr 1e-05)", "sdpa", "0,1", "68.0 ± 1.4", "-"),
         ("boolq (lr 1e-05)", "top-k k=32", "0,1", "65.5 ± 0.7", "-2.5")}
 
+    # position ids that restart per passage: rows of their own, Δ against SDPA with the same ids; records written
+    # before position ids were recorded are the "count" runs
+    restarted = [{**r, "position_ids": "restart", "value": r["value"] + 2} for r in records if r["epochs"] == 3]
+    path.write_text(json.dumps(records + restarted))
+    out = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(path)], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=120)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| boolq")]
+    assert len(rows) == 7 and {(r[0], r[4], r[7], r[8]) for r in rows if r[3] == "3"} == {
+        ("boolq", "sdpa", "70.0", "-"), ("boolq", "top-k k=32", "69.5", "-0.5"),
+        ("boolq (position ids restart)", "sdpa", "72.0", "-"),
+        ("boolq (position ids restart)", "top-k k=32", "71.5", "-0.5")}
+
 
 
 def test_set_parses_booleans_and_names_a_bad_value():
@@ -263,6 +277,11 @@ def test_set_parses_booleans_and_names_a_bad_value():
     assert json.loads(settings("attention_dropout=0")[1])["boolq"]["attention_dropout"] == 0.0
     code, _, err = settings("attention_dropout=none")
     assert code != 0 and "not a valid attention_dropout" in err
+    # position ids: counted unless asked for, one of the names load_split knows
+    assert json.loads(settings("epochs=1")[1])["boolq"]["position_ids"] == "count"
+    assert json.loads(settings("position_ids=restart")[1])["boolq"]["position_ids"] == "restart"
+    code, _, err = settings("position_ids=shuffled")
+    assert code != 0 and "not a valid position_ids" in err
 
 
 def test_second_stage_options_leave_a_missing_first_stage_as_its_own_row(tmp_path, tiny_bert):
@@ -333,6 +352,19 @@ def test_first_stage_long_scores_a_model_on_long_inputs_with_each_attention(tmp_
                              timeout=600)
     assert resumed.returncode == 0 and resumed.stdout.count("already in") == 2, resumed.stdout[-1000:]
     out.write_text(json.dumps(json.loads(out.read_text())[:6]))
+    # position ids that restart per passage are another score too; records written before them resume as "count"
+    old = [{k: v for k, v in r.items() if k != "position_ids"} for r in json.loads(out.read_text())]
+    out.write_text(json.dumps(old))
+    restart = subprocess.run(command[:-4] + ["--topk", "16", "--position-ids", "restart", "--out", out],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert restart.returncode == 0, restart.stderr[-2000:]
+    assert restart.stdout.startswith("4 dev questions (with distractors, own passage random, position ids restart,")
+    assert "already in" not in restart.stdout and "position ids restart, top-k k=16: accuracy" in restart.stdout
+    assert [r["position_ids"] for r in json.loads(out.read_text())[6:]] == ["restart"] * 4
+    counted = subprocess.run(command[:-4] + ["--topk", "16", "--out", out], capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert counted.returncode == 0 and counted.stdout.count("already in") == 2, counted.stdout[-1000:]
+    out.write_text(json.dumps(json.loads(out.read_text())[:6]))
     # the same questions without distractors (the first stage's inputs) are another score, not a resumed one
     short = subprocess.run(command[:-4] + ["--topk", "--max-length", "320", "--min-tokens", "0", "--out", out],
                            capture_output=True, text=True, env=env, timeout=600)
@@ -347,3 +379,36 @@ def test_first_stage_long_scores_a_model_on_long_inputs_with_each_attention(tmp_
     too_short = subprocess.run(command[:-4] + ["--max-length", "64"], capture_output=True, text=True, env=env,
                                timeout=600)
     assert too_short.returncode == 2 and "more than max_length=64 (raise --max-length)" in too_short.stderr
+
+
+def test_load_split_position_ids_count_clamp_restart(tiny_bert):
+    if not (BOOLQ / "dev.jsonl").is_file():
+        pytest.skip(f"BoolQ not found at {BOOLQ}")
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import accuracy
+
+    from topk_lightning.data.long_boolq import build_long_boolq, read_boolq, token_counter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    task = accuracy.TASKS["boolq_long_warm"]
+    split = {ids: accuracy.load_split(task, BOOLQ, "dev", 2, tokenizer, position_ids=ids)
+             for ids in accuracy.POSITION_IDS}
+    built = build_long_boolq(read_boolq(BOOLQ / "dev.jsonl"), count_tokens=token_counter(tokenizer),
+                             min_tokens=task.min_tokens, max_length=task.max_length, seed=0, split="dev", limit=2)
+    assert all("position_ids" not in e for e in split["count"])
+    for count, clamp, restart, record in zip(split["count"], split["clamp"], split["restart"], built):
+        assert count["input_ids"] == clamp["input_ids"] == restart["input_ids"]
+        n = len(count["input_ids"])
+        assert n > 2000 and clamp["position_ids"] == list(range(512)) + [511] * (n - 512)
+        first = count["token_type_ids"].index(1)  # [CLS] question [SEP]
+        starts = [i for i in range(first, n) if restart["position_ids"][i] == first]
+        assert restart["position_ids"][:first] == list(range(first)) and starts[0] == first
+        assert len(starts) == record["passages"] > 5  # one restart per passage
+        assert max(restart["position_ids"]) < 512  # these two questions' passages all fit the pretrained table
+    with pytest.raises(ValueError, match="position_ids must be one of"):
+        accuracy.load_split(dataclasses.replace(task, min_tokens=None), BOOLQ, "dev", 2, tokenizer,
+                            position_ids="restart")
