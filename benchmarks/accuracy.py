@@ -193,7 +193,8 @@ def load_split(task: Task, data_dir: Path, split: str, limit: int | None, tokeni
     through the table extended by copying, what every recipe does); ``"clamp"`` gives every token past the
     pretrained table's last row that row (no copied rows in use); ``"restart"`` starts every passage's positions
     again after the question (``passage_position_ids``)."""
-    from topk_lightning.data.long_boolq import build_long_boolq, passage_position_ids, read_boolq, token_counter
+    from topk_lightning.data.long_boolq import build_long_boolq, read_boolq, token_counter
+    from topk_lightning.data.passages import passage_position_ids
 
     if position_ids not in POSITION_IDS or (position_ids != "count" and task.min_tokens is None):
         raise ValueError(f"position_ids must be one of {list(POSITION_IDS)} ('count' for short inputs), "

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from topk_lightning.data import ClassificationDataModule
+from topk_lightning.errors import InputError
 
 ROWS = [
     {"id": "r0", "text": "a fine and moving film", "pair": "great", "label": "positive"},
@@ -105,3 +106,32 @@ def test_bad_rows(tmp_path, tokenizer_path, caplog):
     ]
     with pytest.raises(ValueError, match="missing label column 'category'"):
         make(tmp_path, tokenizer_path, train_file=path, label_column="category", label_names=["a"]).setup("fit")
+
+
+def test_passage_separator_restarts_positions_at_every_passage(tmp_path, tokenizer_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    passages = ["loch ness is a lake in scotland", "the river thames flows through london", "owls hunt at night"]
+    rows = [{"text": "is the thames in london", "pair": "\n\n".join(passages), "label": "yes"},
+            {"text": "do owls sleep by day", "pair": passages[2], "label": "no"}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    dm = make(tmp_path, tokenizer_path, train_file=path, validation_file=path, text_pair_column="pair",
+              passage_separator="\n\n", max_length=64)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert "offset_mapping" not in batch and batch["position_ids"].shape == batch["input_ids"].shape
+    # independent reference: [CLS] question [SEP] counted 0.., each passage tokenised alone and counted from there
+    for row, ids in zip(rows, batch["position_ids"].tolist()):
+        first = len(tokenizer(row["text"])["input_ids"])
+        expected = list(range(first))
+        for part in row["pair"].split("\n\n"):
+            expected += list(range(first, first + len(tokenizer(part, add_special_tokens=False)["input_ids"])))
+        expected.append(expected[-1] + 1)  # the closing [SEP]
+        assert ids[:len(expected)] == expected and set(ids[len(expected):]) <= {0}  # padding
+    plain = make(tmp_path, tokenizer_path, train_file=path, validation_file=path, text_pair_column="pair",
+                 max_length=64)
+    plain.setup("fit")
+    assert "position_ids" not in next(iter(plain.val_dataloader()))  # the cache keeps the two apart
+    with pytest.raises(InputError, match="passage_separator='\\\\n\\\\n' needs text_pair_column"):
+        make(tmp_path, tokenizer_path, train_file=path, passage_separator="\n\n")

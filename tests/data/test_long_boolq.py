@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from topk_lightning.data.long_boolq import (SEPARATOR, build_long_boolq, main, passage_position_ids, read_boolq,
-                                           title_of)
+from topk_lightning.data.long_boolq import SEPARATOR, build_long_boolq, main, read_boolq, title_of
+from topk_lightning.data.passages import passage_position_ids
 
 
 def words(text):  # an independent token count: whitespace words

@@ -1,7 +1,8 @@
 """``ClassificationDataModule``: sequence (or sequence-pair) classification from local CSV/JSON/JSONL/parquet files.
 
-Batches: ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the tokenizer makes them) LongTensor (B, T)
-and ``labels`` LongTensor (B,) (absent in predict batches when the predict file has no label column).
+Batches: ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the tokenizer makes them) LongTensor (B, T),
+``position_ids`` (B, T) with ``passage_separator``, and ``labels`` LongTensor (B,) (absent in predict batches when
+the predict file has no label column).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from topk_lightning.data.base import BaseDataModule, FeatureDataset, feature_cache_key, map_with_cache, \
     tokenizer_fingerprint
 from topk_lightning.data.files import read_records
+from topk_lightning.data.passages import passage_position_ids
 from topk_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,11 @@ class ClassificationDataModule(BaseDataModule):
         label_names: the label vocabulary, index = class id; ``None`` = inferred from the training file.
         max_length: texts are truncated to this many tokens (special tokens included; pairs longest-first).
         batch_size: training batch size.
+        passage_separator: read the second text as passages joined by this string (e.g. ``"\n\n"``) and give every
+            passage position ids that start again after the first text, as if it were the only passage
+            (``topk_lightning.data.passages``): for a question over many passages with a model trained on one.
+            Needs ``text_pair_column`` and a fast tokenizer with ``token_type_ids`` (BERT, MiniLM, ELECTRA; not
+            RoBERTa). ``None`` (default): the model numbers tokens 0, 1, 2, ...
         **kwargs: the options shared with the other data modules (``tokenizer``, ``train_file``,
             ``validation_file``, ``test_file``, ``predict_file``, ``eval_batch_size``, ``skip_invalid``,
             ``limit_train_examples``, ``limit_eval_examples``, ...): see `BaseDataModule`. Files are ``.csv``,
@@ -70,6 +77,7 @@ class ClassificationDataModule(BaseDataModule):
         label_names: list[str] | None = None,
         max_length: int = 512,
         batch_size: int = 16,
+        passage_separator: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
@@ -82,6 +90,11 @@ class ClassificationDataModule(BaseDataModule):
         self.label_column = label_column
         self._label_names = list(label_names) if label_names is not None else None
         self.max_length = max_length
+        if passage_separator is not None and (not text_pair_column or not isinstance(passage_separator, str)
+                                              or not passage_separator):
+            raise InputError(f"passage_separator={passage_separator!r} needs text_pair_column (the passages are the "
+                             "second text) and a non-empty string")
+        self.passage_separator = passage_separator
 
     @cached_property
     def label_names(self) -> list[str]:
@@ -179,19 +192,30 @@ class ClassificationDataModule(BaseDataModule):
         if loaded is None:
             return None
         columns, with_labels = loaded
-        tokenizer, max_length = self.tokenizer, self.max_length
+        tokenizer, max_length, separator = self.tokenizer, self.max_length, self.passage_separator
+        if separator is not None and not (getattr(tokenizer, "is_fast", False)
+                                          and "token_type_ids" in tokenizer.model_input_names):
+            raise InputError(f"passage_separator needs a fast tokenizer that makes token_type_ids (character offsets, "
+                             f"and where the second text starts); {type(tokenizer).__name__} is not one")
 
         def tokenize(batch: dict) -> dict:
             args = (batch["text"], batch["text_pair"]) if "text_pair" in batch else (batch["text"],)
-            encoded = tokenizer(*args, truncation=True, max_length=max_length, padding=False)
-            features = {key: list(value) for key, value in encoded.items()}
+            encoded = tokenizer(*args, truncation=True, max_length=max_length, padding=False,
+                                return_offsets_mapping=separator is not None)
+            features = {key: list(value) for key, value in encoded.items() if key != "offset_mapping"}
+            if separator is not None:
+                features["position_ids"] = [
+                    passage_position_ids(passages, types, offsets, separator=separator)
+                    for passages, types, offsets in zip(batch["text_pair"], encoded["token_type_ids"],
+                                                        encoded["offset_mapping"])]
             features["length"] = [len(ids) for ids in encoded["input_ids"]]
             if "labels" in batch:
                 features["labels"] = list(batch["labels"])
             return features
 
+        passages = {} if separator is None else {"passage_separator": separator}  # older caches stay valid
         key = feature_cache_key(columns=columns, tokenizer=tokenizer_fingerprint(tokenizer), max_length=max_length,
-                                version=_FEATURE_VERSION)
+                                version=_FEATURE_VERSION, **passages)
         features = map_with_cache(columns, tokenize, desc=f"tokenizing {split}",
                                   cache_file=self.cache_dir / "features" / f"cls-{split}-{key}.arrow")
         log.info("%s: %d rows (labels: %s)", split, len(features), with_labels)

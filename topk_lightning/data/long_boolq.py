@@ -25,7 +25,6 @@ This module needs only ``transformers`` (for the tokenizer), so the GPU benchmar
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import os
 import random
@@ -34,9 +33,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_long_boolq", "passage_position_ids", "read_boolq", "title_of", "write_jsonl"]
+from topk_lightning.data.passages import PASSAGE_SEPARATOR
 
-SEPARATOR = "\n\n"
+__all__ = ["build_long_boolq", "read_boolq", "title_of", "write_jsonl"]
+
+SEPARATOR = PASSAGE_SEPARATOR  # between passages (readable as passages by passage_position_ids)
 POSITIONS = ("random", "first", "last")
 _FIELDS = ("id", "question", "passage", "label")
 
@@ -175,42 +176,6 @@ def build_long_boolq(
         out.append({"id": record["id"], "question": record["question"], "passage": text, "label": record["label"],
                     "position": index_of_own, "passages": len(chosen), "tokens": tokens})
     return out
-
-
-def passage_position_ids(passage: str, token_type_ids: Sequence[int],
-                         offsets: Sequence[tuple[int, int]]) -> list[int]:
-    """Position ids that restart at every passage of a long input, as if each were the question's only passage.
-
-    The first text (``[CLS] question [SEP]``, ``token_type_ids == 0``) keeps positions ``0 .. q-1``; the tokens of
-    each passage in ``passage`` (passages joined by ``SEPARATOR``) count from ``q`` again, so every passage sits
-    where a model trained on single passages saw its own, no position past the longest passage is used, and the
-    order of the passages no longer reaches the model. Tokens of the second text with an empty offset (the final
-    ``[SEP]``) continue the passage before them.
-
-    Args:
-        passage: the second text of the pair (the joined passages).
-        token_type_ids, offsets: the pair's encoding (a fast tokenizer's ``return_offsets_mapping=True``; offsets
-            of second-text tokens are character spans in ``passage``).
-    """
-    if len(token_type_ids) != len(offsets):
-        raise ValueError(f"token_type_ids ({len(token_type_ids)}) and offsets ({len(offsets)}) differ in length")
-    starts, start = [], 0
-    for text in passage.split(SEPARATOR):
-        starts.append(start)
-        start += len(text) + len(SEPARATOR)
-    first = sum(1 for t in token_type_ids if t == 0)  # the first text's length: where every passage starts
-    positions, current, next_position = [], -1, first
-    for index, (segment, (begin, end)) in enumerate(zip(token_type_ids, offsets)):
-        if segment == 0:
-            positions.append(index)
-            continue
-        if end > begin:  # a word-piece of the passage text; special tokens have empty spans
-            which = bisect.bisect_right(starts, begin) - 1
-            if which != current:
-                current, next_position = which, first
-        positions.append(next_position)
-        next_position += 1
-    return positions
 
 
 def write_jsonl(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
