@@ -96,7 +96,8 @@ class Task:
     # (README, "Dense attention on a CPU").
     attention_dropout: float | None = None
     # Long inputs: "count" (0, 1, 2, ... through the table extended by copying, as the recipes do) or "restart"
-    # (each passage numbered from the end of the question; load_split). "restart" has no recipe flag yet.
+    # (each passage numbered from the end of the question; load_split): the recipe with
+    # --data.passage_separator=$'\n\n'.
     position_ids: str = "count"
 
 
