@@ -188,10 +188,19 @@ def test_recipe_matches_benchmark_settings(task):
     assert setting["position_ids"] == "count"  # the recipes' data modules let the model count positions
 
 
+def report_rows(path, records):
+    """The table rows (cells) that ``--report`` prints for ``records`` written to ``path``."""
+    path.write_text(json.dumps(records))
+    out = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(path)], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| boolq")]
+
+
 def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
     """A 1-epoch CPU run and a 3-epoch GPU-plan run of the same sizes are different rows, each Δ against its own
     SDPA, paired by seed; seeds of one setting are averaged (mean and sample spread computed by hand here)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     common = {"task": "boolq", "mode": "finetune", "metric": "accuracy", "n_train": 100, "n_eval": 50,
               "max_length": 320, "device": "cpu", "majority": 62.2}
     records = [
@@ -204,12 +213,7 @@ def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
         {**common, "attention": "topk", "topk": 32, "seed": 0, "epochs": 3, "value": 69.5},
     ]
     path = tmp_path / "acc.json"
-    path.write_text(json.dumps(records))
-    out = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(path)], capture_output=True,
-                         text=True, env=env, cwd=REPO, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
-            if line.startswith("| boolq")]
+    rows = report_rows(path, records)
     table = {(r[3], r[4]): (r[6], r[7], r[8]) for r in rows}  # (epochs, attention) -> (seeds, accuracy, delta)
     # k=64 ran seed 0 only: Δ against seed 0's SDPA (66.0), not the mean over both SDPA seeds (67.0).
     assert table == {("1", "sdpa"): ("0,1", "67.0 ± 1.4", "-"), ("1", "top-k k=32"): ("0,1", "64.5 ± 0.7", "-2.5"),
@@ -218,12 +222,8 @@ def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
     assert (tmp_path / "acc.md").read_text().count("| boolq") == 5
 
     # the same runs with attention dropout 0 are rows of their own, each Δ against the SDPA run at that dropout
-    path.write_text(json.dumps(records + [{**r, "attention_dropout": 0.0, "value": r["value"] - 3}
-                                          for r in records if r["epochs"] == 3]))
-    out = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(path)], capture_output=True,
-                         text=True, env=env, cwd=REPO, timeout=120)
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
-            if line.startswith("| boolq")]
+    rows = report_rows(path, records + [{**r, "attention_dropout": 0.0, "value": r["value"] - 3}
+                                        for r in records if r["epochs"] == 3])
     assert len(rows) == 7 and {(r[0], r[4], r[7], r[8]) for r in rows if r[3] == "3"} == {
         ("boolq", "sdpa", "70.0", "-"), ("boolq", "top-k k=32", "69.5", "-0.5"),
         ("boolq (attention dropout 0)", "sdpa", "67.0", "-"),
@@ -233,11 +233,7 @@ def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
     # the task says its rate, and Δ is against the SDPA run at the same rate
     at_1e5 = [{**r, "learning_rate": 1e-5, "value": r["value"] + 1} for r in records
               if r["epochs"] == 1 and r["topk"] in (None, 32)]
-    path.write_text(json.dumps([{**r, "learning_rate": 5e-5} for r in records] + at_1e5))
-    out = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(path)], capture_output=True,
-                         text=True, env=env, cwd=REPO, timeout=120)
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
-            if line.startswith("| boolq")]
+    rows = report_rows(path, [{**r, "learning_rate": 5e-5} for r in records] + at_1e5)
     assert len(rows) == 7 and {(r[0], r[4], r[6], r[7], r[8]) for r in rows if r[3] == "1"} == {
         ("boolq (lr 5e-05)", "sdpa", "0,1", "67.0 ± 1.4", "-"),
         ("boolq (lr 5e-05)", "top-k k=32", "0,1", "64.5 ± 0.7", "-2.5"),
@@ -248,11 +244,7 @@ def test_report_keeps_runs_of_different_lengths_apart(tmp_path):
     # position ids that restart per passage: rows of their own, Δ against SDPA with the same ids; records written
     # before position ids were recorded are the "count" runs
     restarted = [{**r, "position_ids": "restart", "value": r["value"] + 2} for r in records if r["epochs"] == 3]
-    path.write_text(json.dumps(records + restarted))
-    out = subprocess.run([sys.executable, str(SCRIPT), "--report", "--out", str(path)], capture_output=True,
-                         text=True, env=env, cwd=REPO, timeout=120)
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
-            if line.startswith("| boolq")]
+    rows = report_rows(path, records + restarted)
     assert len(rows) == 7 and {(r[0], r[4], r[7], r[8]) for r in rows if r[3] == "3"} == {
         ("boolq", "sdpa", "70.0", "-"), ("boolq", "top-k k=32", "69.5", "-0.5"),
         ("boolq (position ids restart)", "sdpa", "72.0", "-"),
