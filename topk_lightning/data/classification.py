@@ -56,11 +56,11 @@ class ClassificationDataModule(BaseDataModule):
         label_names: the label vocabulary, index = class id; ``None`` = inferred from the training file.
         max_length: texts are truncated to this many tokens (special tokens included; pairs longest-first).
         batch_size: training batch size.
-        passage_separator: read the second text as passages joined by this string (e.g. ``"\n\n"``) and give every
-            passage position ids that start again after the first text, as if it were the only passage
-            (``topk_lightning.data.passages``): for a question over many passages with a model trained on one.
-            Needs ``text_pair_column`` and a fast tokenizer with ``token_type_ids`` (BERT, MiniLM, ELECTRA; not
-            RoBERTa). ``None`` (default): the model numbers tokens 0, 1, 2, ...
+        passage_separator: read the second text as passages joined by this string (e.g. a blank line,
+            ``"\\n\\n"``) and give every passage position ids that start again after the first text, as if it
+            were the only passage (``topk_lightning.data.passages``): for a question over many passages with a
+            model trained on one. Needs ``text_pair_column`` and a fast tokenizer with ``token_type_ids`` (BERT,
+            MiniLM, ELECTRA; not RoBERTa). ``None`` (default): the model numbers tokens 0, 1, 2, ...
         **kwargs: the options shared with the other data modules (``tokenizer``, ``train_file``,
             ``validation_file``, ``test_file``, ``predict_file``, ``eval_batch_size``, ``skip_invalid``,
             ``limit_train_examples``, ``limit_eval_examples``, ...): see `BaseDataModule`. Files are ``.csv``,
