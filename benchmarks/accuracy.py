@@ -99,6 +99,18 @@ class Task:
     # (each passage numbered from the end of the question; load_split): the recipe with
     # --data.passage_separator=$'\n\n'.
     position_ids: str = "count"
+    # Long inputs: training questions built to this many tokens (fewer distractor passages), the dev questions still
+    # to max_length; None = max_length. Shorter training inputs cost less per question, and with position_ids
+    # "restart" every passage keeps the positions it had at any length.
+    train_max_length: int | None = None
+
+    def for_training(self) -> "Task":
+        """This task as its training split is built: ``train_max_length`` tokens, the same gap to ``min_tokens``."""
+        if self.train_max_length is None or self.min_tokens is None:
+            return self
+        margin = self.max_length - self.min_tokens
+        return dataclasses.replace(self, max_length=self.train_max_length,
+                                   min_tokens=max(self.train_max_length - margin, 0))
 
 
 TASKS = {
@@ -378,7 +390,7 @@ def run_key(record: dict[str, Any]) -> tuple:
     return tuple(setting(record, k) for k in ("task", "attention", "topk", "mode", "seed", "n_train", "n_eval",
                                               "max_length", "epochs", "learning_rate", "pooling", "batch_size",
                                               "warmup_ratio", "query_chunk_size", "device", "start_from",
-                                              "attention_dropout", "position_ids"))
+                                              "attention_dropout", "position_ids", "train_max_length"))
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -414,9 +426,9 @@ def weights_storage(model_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------------------- report
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and spread over seeds per (task, mode, attention, k, sizes, epochs, device, pooling, attention dropout,
-    learning rate, position ids, metric): seeds of different settings are never averaged together."""
+    learning rate, position ids, training length, metric): seeds of different settings are never averaged together."""
     fields = ("task", "mode", "attention", "topk", "metric", "n_train", "n_eval", "max_length", "device", "epochs",
-              "pooling", "attention_dropout", "learning_rate", "position_ids")
+              "pooling", "attention_dropout", "learning_rate", "position_ids", "train_max_length")
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault(tuple(setting(r, f) for f in fields), []).append(r)
@@ -444,6 +456,8 @@ def setting_label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         parts.append(f"lr {row['learning_rate']:g}" if row["learning_rate"] is not None else "lr not recorded")
     if row["position_ids"] != "count":
         parts.append(f"position ids {row['position_ids']}")
+    if row["train_max_length"] is not None:
+        parts.append(f"trained on {row['train_max_length']:,}-token inputs")
     return ", ".join(parts)
 
 
@@ -452,7 +466,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
 
     def key_of(r):
         return (r["task"], r["mode"], r["attention"], r["topk"], r["n_train"], r["n_eval"], r["device"], r["epochs"],
-                r["pooling"], r["attention_dropout"], r["learning_rate"], r["position_ids"])
+                r["pooling"], r["attention_dropout"], r["learning_rate"], r["position_ids"], r["train_max_length"])
 
     acc = {key_of(r): r for r in rows if r["metric"] == "accuracy"}
     f1 = {key_of(r): r for r in rows if r["metric"] == "macro_f1"}
@@ -466,9 +480,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
         return f"{row['mean']:.1f}{sd}"
 
     for key, row in acc.items():
-        task, mode, attention, topk, n_train, n_eval, device, epochs, pooling, dropout, learning_rate, ids = key
+        task, mode, attention, topk, n_train, n_eval, device, epochs, pooling, dropout, learning_rate, ids, trained = key
         base = acc.get((task, "finetune", "sdpa", None, n_train, n_eval, device, epochs, pooling, dropout,
-                        learning_rate, ids))
+                        learning_rate, ids, trained))
         # Paired by seed: each seed's run against the SDPA run of the same seed (zero-shot: the very same model).
         paired = [value - base["by_seed"][seed] for seed, value in row["by_seed"].items()
                   if base is not None and seed in base["by_seed"]]
@@ -620,7 +634,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             if key == "ks":
                 out[key] = tuple(int(k) for k in value.split(",") if k)
-            elif key == "min_tokens":
+            elif key in ("min_tokens", "train_max_length"):
                 out[key] = int(value) if value else None
             elif key == "attention_dropout":
                 out[key] = float(value) if value else None
@@ -640,8 +654,17 @@ def resolve_tasks(plan: Plan, names: list[str] | None, overrides: dict[str, Any]
     for name in names or plan.tasks:
         if name not in TASKS:
             raise SystemExit(f"accuracy: unknown task {name!r}; choose from {sorted(TASKS)}")
-        tasks.append(dataclasses.replace(TASKS[name], **{**plan.overrides.get(name, {}), **overrides}))
+        tasks.append(checked(dataclasses.replace(TASKS[name], **{**plan.overrides.get(name, {}), **overrides})))
     return tasks
+
+
+def checked(task: Task) -> Task:
+    """``task``, or SystemExit naming a setting that does not fit it."""
+    if task.train_max_length is not None and (task.min_tokens is None
+                                              or not 0 < task.train_max_length <= task.max_length):
+        raise SystemExit(f"accuracy: --set train_max_length={task.train_max_length}: task {task.name!r} needs long "
+                         f"inputs and 0 < train_max_length <= max_length ({task.max_length})")
+    return task
 
 
 def base_record(run: Run, *, n_train: int, n_eval: int, device: str, weights: str, majority: float) -> dict:
@@ -652,7 +675,7 @@ def base_record(run: Run, *, n_train: int, n_eval: int, device: str, weights: st
             "batch_size": task.batch_size, "pooling": task.pooling, "query_chunk_size": task.query_chunk_size,
             "warmup_ratio": task.warmup_ratio, "min_tokens": task.min_tokens, "start_from": task.start_from,
             "accumulate_grad_batches": task.accumulate_grad_batches, "attention_dropout": task.attention_dropout,
-            "position_ids": task.position_ids, "weights": weights, "majority": round(majority, 2), **ENVIRONMENT}
+            "position_ids": task.position_ids, "train_max_length": task.train_max_length, "weights": weights, "majority": round(majority, 2), **ENVIRONMENT}
 
 
 def metric_records(base: dict, *, mode: str, topk: int | None, attention: str, accuracy: float, macro_f1: float,
@@ -702,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = start + args.time_budget if args.time_budget else math.inf
     if args.print_settings:  # with --set: as overridden (an invalid value is named here already)
         overrides = parse_overrides(args.set)
-        print(json.dumps({name: dataclasses.asdict(dataclasses.replace(task, **overrides))
+        print(json.dumps({name: dataclasses.asdict(checked(dataclasses.replace(task, **overrides)))
                           for name, task in TASKS.items() if not args.tasks or name in args.tasks}, indent=1))
         return 0
 
@@ -763,10 +786,15 @@ def main(argv: list[str] | None = None) -> int:
             n_train, n_eval = plan.sizes[task.name]
             if not first_stage:
                 n_train, n_eval = args.n_train or n_train, args.n_eval or n_eval
-            data_cache[key] = (load_split(task, args.data_dir, "train", n_train, tokenizer,
+            data_cache[key] = (load_split(task.for_training(), args.data_dir, "train", n_train, tokenizer,
                                           position_ids=task.position_ids),
                                load_split(task, args.data_dir, "dev", n_eval, tokenizer,
                                           position_ids=task.position_ids))
+            sizes = [(name, len(split), [len(e["input_ids"]) for e in split])
+                     for name, split in zip(("train", "dev"), data_cache[key])]
+            print(f"{task.name}{' (first stage)' if first_stage else ''}: " + ", ".join(
+                f"{name} {n} questions of {min(lengths)}-{max(lengths)} tokens" for name, n, lengths in sizes if n),
+                flush=True)
         return data_cache[key]
 
     # A second stage keeps its first stage's head, so the first stage is trained with the second stage's pooling.

@@ -274,6 +274,9 @@ def test_set_parses_booleans_and_names_a_bad_value():
     assert json.loads(settings("position_ids=restart")[1])["boolq"]["position_ids"] == "restart"
     code, _, err = settings("position_ids=shuffled")
     assert code != 0 and "not a valid position_ids" in err
+    # shorter training inputs: long tasks only, never longer than the inputs scored
+    code, _, err = settings("train_max_length=1024")
+    assert code != 0 and "task 'boolq' needs long inputs" in err
 
 
 def test_second_stage_options_leave_a_missing_first_stage_as_its_own_row(tmp_path, tiny_bert):
@@ -291,6 +294,13 @@ def test_second_stage_options_leave_a_missing_first_stage_as_its_own_row(tmp_pat
     again = run_script(*common)  # the checkpoint's dropout: not the recorded run, so it runs (first stage reused)
     assert "skip " not in again and "first stage" not in again
     assert [r["attention_dropout"] for r in json.loads(out.read_text())] == [0.0, 0.0, None, None]
+    # Trained on shorter inputs than it is scored on (the smoke plan's 400-512 tokens): a run of its own
+    shorter = run_script(*common, "--set", "train_max_length=256")
+    sizes = re.search(r"train 4 questions of (\d+)-(\d+) tokens, dev 4 questions of (\d+)-(\d+) tokens", shorter)
+    assert "skip " not in shorter and sizes, shorter
+    train_min, train_max, dev_min, dev_max = map(int, sizes.groups())
+    assert 144 <= train_min <= train_max <= 256 and 400 <= dev_min <= dev_max <= 512
+    assert [r["train_max_length"] for r in json.loads(out.read_text())] == [None] * 4 + [256] * 2
 
 
 def test_attention_filter_keeps_the_priority_order_of_the_chosen_runs(tiny_bert):
